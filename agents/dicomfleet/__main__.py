@@ -1,0 +1,3 @@
+from dicomfleet.cli import main
+
+raise SystemExit(main())

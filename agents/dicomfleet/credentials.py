@@ -1,0 +1,72 @@
+"""Generate each site's secrets on the first deploy and reuse them afterwards.
+
+Secrets live on the control machine in ``inventory/.secrets/SITE/`` (ignored by
+git), one file per secret, mode 0600 in a folder of mode 0700. Hosts receive
+them as root-only files that systemd hands to services with ``LoadCredential=``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from dicomfleet.inventory import Site
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER = "(generated at first deploy)"
+
+# Orthanc HTTP users that are not machines.
+SYNC_USER = "dicomfleet-sync"
+ADMIN_USER = "dicomfleet-admin"
+
+
+def default_secrets_dir(site: Site) -> Path:
+    """Return the folder holding SITE's secrets, beside its inventory file."""
+    override = os.environ.get("DICOMFLEET_SECRETS_DIR")
+    if override:
+        return Path(override) / site.name
+    return site.path.resolve().parent / ".secrets" / site.name
+
+
+class SiteSecrets:
+    """The secrets of one site: one Orthanc password per machine and service user."""
+
+    def __init__(self, folder: Path, create: bool):
+        self.folder = folder
+        self.create = create
+
+    def _read_or_make(self, name: str) -> str:
+        path = self.folder / name
+        try:
+            return path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            pass
+
+        if not self.create:
+            return PLACEHOLDER
+
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.folder, 0o700)
+        value = secrets.token_urlsafe(24)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(value + "\n")
+        log.info("Generated secret %s in %s", name, self.folder)
+        return value
+
+    def orthanc_password(self, username: str) -> str:
+        """Return the Orthanc HTTP password of USERNAME."""
+        return self._read_or_make(f"orthanc-{username}.password")
+
+
+def ensure_secrets(site: Site, folder: Path | None = None) -> SiteSecrets:
+    """Return SITE's secrets, generating any that do not exist yet."""
+    return SiteSecrets(folder or default_secrets_dir(site), create=True)
+
+
+def existing_secrets(site: Site, folder: Path | None = None) -> SiteSecrets:
+    """Return SITE's secrets without creating any; missing ones read as a placeholder."""
+    return SiteSecrets(folder or default_secrets_dir(site), create=False)

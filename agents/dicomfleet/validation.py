@@ -1,0 +1,330 @@
+"""Check an inventory against dicomfleet's rules before any host is contacted.
+
+pyinfra's deploy, the Ansible playbook and every dicomfleet command call
+``validate``; each problem is one sentence naming the inventory file, the host,
+the variable, the value found and what a valid value is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from typing import Any, Callable
+
+from dicomfleet.inventory import (
+    CENTRAL_GROUP,
+    INGEST_AGENT,
+    INGEST_DICOM,
+    INGEST_SHARE,
+    TRANSPORT_CSTORE,
+    TRANSPORT_REST,
+    RawInventory,
+)
+
+# Modality defined terms of DICOM PS3.3 C.7.3.1.1.1 that imaging machines send.
+MODALITIES = frozenset(
+    """AR AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL
+    IVOCT IVUS KER KO LEN LS MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT
+    PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTPLAN RTRECORD RTSTRUCT RWV SEG
+    SM SMR SR SRF STAIN TG US VA XA XC""".split()
+)
+
+INGEST_PATHS = (INGEST_AGENT, INGEST_SHARE, INGEST_DICOM)
+TRANSPORTS = (TRANSPORT_REST, TRANSPORT_CSTORE)
+PATIENT_ID_POLICIES = ("dicom", "placeholder")
+
+_MACHINE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def ae_title_problem(value: Any) -> str | None:
+    """Return why VALUE is not a valid AE title, or None when it is valid.
+
+    An AE title (PS3.5 6.2, VR AE) is 1 to 16 characters of the default
+    character repertoire, without backslash or control characters; leading and
+    trailing spaces are not significant, so a title of spaces only is empty.
+    """
+    if not isinstance(value, str):
+        return f"is a {type(value).__name__}, not a string"
+    if len(value) > 16:
+        return f"is {len(value)} characters long, over the maximum of 16"
+    for character in value:
+        if character == "\\":
+            return "contains a backslash"
+        if not " " <= character <= "~":
+            return f"contains the character {character!r}, outside the DICOM default repertoire"
+    if not value.strip():
+        return "is empty"
+    return None
+
+
+def address_problem(value: Any) -> str | None:
+    """Return why VALUE is not an IP literal or a host name, or None."""
+    text = str(value)
+    try:
+        ipaddress.ip_address(text)
+        return None
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", text):
+        return "looks like an IPv4 address but is not a valid one"
+    if _HOST_NAME.match(text):
+        return None
+    return "is neither an IP address nor a valid host name"
+
+
+def _port_problem(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"is a {type(value).__name__}, not a whole number"
+    if not 1 <= value <= 65535:
+        return "is outside the TCP port range 1 to 65535"
+    return None
+
+
+def _string_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "must be a non-empty string"
+    return None
+
+
+def _bool_problem(value: Any) -> str | None:
+    if not isinstance(value, bool):
+        return "must be true or false"
+    return None
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value not in choices:
+            return "is not one of " + ", ".join(choices)
+        return None
+
+    return check
+
+
+def _machine_id_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not _MACHINE_ID.match(value):
+        return ("must be 1 to 32 characters of lowercase letters, digits, '-' or '_', "
+                "starting with a letter or digit (it names users, units and files)")
+    return None
+
+
+def _site_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not _SITE_NAME.match(value):
+        return "must be 1 to 64 characters of lowercase letters, digits, '-' or '_'"
+    return None
+
+
+def _modality_problem(value: Any) -> str | None:
+    if value not in MODALITIES:
+        return "is not a DICOM modality defined term (for example CT, MR, CR, DX, US, MG, XA)"
+    return None
+
+
+def _folders_problem(value: Any) -> str | None:
+    if not isinstance(value, list) or not value:
+        return "must be a non-empty list of absolute folder paths"
+    for folder in value:
+        if not isinstance(folder, str) or not folder.startswith("/"):
+            return f"contains {folder!r}, which is not an absolute path"
+        if "\n" in folder or "\x00" in folder:
+            return f"contains {folder!r}, which has a control character"
+    return None
+
+
+def _mongodb_uri_problem(value: Any) -> str | None:
+    if value in ("", None):
+        return None
+    if not isinstance(value, str) or not re.match(r"^mongodb(\+srv)?://", value):
+        return "must be empty (embedded server) or a URI starting with mongodb:// or mongodb+srv://"
+    return None
+
+
+def _url_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not re.match(r"^https?://[^\s/]+", value):
+        return "must be an http:// or https:// URL"
+    return None
+
+
+def _absolute_path_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.startswith("/"):
+        return "must be an absolute path"
+    return None
+
+
+def _plugins_problem(value: Any) -> str | None:
+    if value == []:
+        return None
+    return _folders_problem(value)
+
+
+def _count_problem(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return "must be a whole number, 0 or more"
+    return None
+
+
+def _positive_problem(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return "must be a number above 0"
+    return None
+
+
+# Every dicomfleet_ variable the inventory may set: name -> (check, what it is).
+SCHEMA: dict[str, tuple[Callable[[Any], str | None], str]] = {
+    "dicomfleet_site": (_site_problem, "the site's short name"),
+    "dicomfleet_lab": (_bool_problem, "true for the local systemd-nspawn lab"),
+    "dicomfleet_patient_id_policy": (_choice(PATIENT_ID_POLICIES), "how the sync stores patient IDs"),
+    "dicomfleet_patient_id_placeholder": (_string_problem, "the patient ID stored under the placeholder policy"),
+    "dicomfleet_machine_id": (_machine_id_problem, "the machine's unique id"),
+    "dicomfleet_ae_title": (ae_title_problem, "the machine's DICOM AE title"),
+    "dicomfleet_modality": (_modality_problem, "the machine's modality"),
+    "dicomfleet_location": (_string_problem, "where the machine stands"),
+    "dicomfleet_ingest": (_choice(INGEST_PATHS), "how the machine's images reach Orthanc"),
+    "dicomfleet_transport": (_choice(TRANSPORTS), "how the agent sends: REST or C-STORE"),
+    "dicomfleet_watch_folders": (_folders_problem, "the export folders the agent watches"),
+    "dicomfleet_orthanc": (_string_problem, "the central host the machine sends to"),
+    "dicomfleet_orthanc_name": (_string_problem, "the Orthanc server's name"),
+    "dicomfleet_orthanc_aet": (ae_title_problem, "Orthanc's own AE title"),
+    "dicomfleet_orthanc_http_port": (_port_problem, "Orthanc's HTTP port"),
+    "dicomfleet_orthanc_dicom_port": (_port_problem, "Orthanc's DICOM port"),
+    "dicomfleet_orthanc_public_url": (_url_problem, "the URL viewers use to reach Orthanc"),
+    "dicomfleet_mongodb_uri": (_mongodb_uri_problem, "the MongoDB the sync writes to"),
+    "dicomfleet_mongodb_port": (_port_problem, "the embedded MongoDB-compatible server's port"),
+    "dicomfleet_mongodb_database": (_string_problem, "the MongoDB database name"),
+    "dicomfleet_mongodb_bind": (address_problem, "the address the embedded MongoDB-compatible server listens on"),
+    "dicomfleet_dicom_port": (_port_problem, "the machine's own DICOM port, for Orthanc's modality entry"),
+    "dicomfleet_orthanc_storage_directory": (_absolute_path_problem, "where Orthanc stores DICOM files"),
+    "dicomfleet_orthanc_index_directory": (_absolute_path_problem, "where Orthanc keeps its SQLite index"),
+    "dicomfleet_orthanc_storage_compression": (_bool_problem, "whether Orthanc compresses stored files"),
+    "dicomfleet_orthanc_maximum_storage_mb": (_count_problem, "Orthanc's storage cap in MB, 0 for none"),
+    "dicomfleet_orthanc_maximum_patient_count": (_count_problem, "Orthanc's patient cap, 0 for none"),
+    "dicomfleet_orthanc_plugins": (_plugins_problem, "folders or files of Orthanc plugins"),
+    "dicomfleet_orthanc_concurrent_jobs": (_positive_problem, "Orthanc's concurrent jobs"),
+    "dicomfleet_orthanc_http_threads": (_positive_problem, "Orthanc's HTTP threads"),
+    "dicomfleet_orthanc_dicom_threads": (_positive_problem, "Orthanc's DICOM threads"),
+    "dicomfleet_orthanc_stable_age": (_positive_problem, "seconds without a new instance before a study is stable"),
+    "dicomfleet_orthanc_remote_access": (_bool_problem, "whether Orthanc answers clients other than localhost"),
+    "dicomfleet_agent_rescan_interval_s": (_positive_problem, "seconds between full rescans of the watch folders"),
+    "dicomfleet_agent_quiet_time_s": (_positive_problem, "seconds a polled file must stay unchanged before it is sent"),
+    "dicomfleet_agent_workers": (_positive_problem, "concurrent uploads per agent"),
+}
+
+MACHINE_REQUIRED = (
+    "dicomfleet_ae_title",
+    "dicomfleet_modality",
+    "dicomfleet_location",
+    "dicomfleet_ingest",
+)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return text
+
+
+def validate(raw: RawInventory) -> list[str]:
+    """Return every problem of the inventory RAW, or an empty list when it is valid."""
+    problems: list[str] = []
+    where = str(raw.path)
+
+    def report(host: str, field: str, message: str) -> None:
+        problems.append(f"{where}: host {host}: {field}: {message}.")
+
+    if not raw.hosts:
+        problems.append(f"{where}: the inventory has no hosts; add a central host and the machines.")
+        return problems
+
+    for entry in raw.hosts.values():
+        for key, value in entry.vars.items():
+            if not key.startswith("dicomfleet_"):
+                continue
+            if key not in SCHEMA:
+                close = difflib.get_close_matches(key, SCHEMA, n=1)
+                hint = f"; did you mean {close[0]}?" if close else "; see the variables in docs/inventory.md"
+                report(entry.name, key, f"unknown variable{hint}")
+                continue
+            check, what = SCHEMA[key]
+            problem = check(value)
+            if problem:
+                report(entry.name, key, f"{_describe(value)} {problem} ({what})")
+
+        address = entry.vars.get("ansible_host", entry.name)
+        problem = address_problem(address)
+        if problem:
+            report(entry.name, "ansible_host", f"{_describe(address)} {problem}")
+
+    central = [e for e in raw.hosts.values() if CENTRAL_GROUP in e.groups]
+    if not central:
+        problems.append(
+            f"{where}: no host in the group '{CENTRAL_GROUP}'; add the Orthanc server there."
+        )
+    central_names = {e.name for e in central}
+
+    seen_ids: dict[str, str] = {}
+    seen_aets: dict[str, str] = {}
+    seen_pairs: dict[tuple[str, str], str] = {}
+    for entry in raw.hosts.values():
+        data = entry.vars
+        if "dicomfleet_machine_id" not in data:
+            continue
+        host = entry.name
+        machine_id = data["dicomfleet_machine_id"]
+
+        for field in MACHINE_REQUIRED:
+            if field not in data:
+                report(host, field, f"missing; every machine needs it ({SCHEMA[field][1]})")
+
+        if isinstance(machine_id, str):
+            if machine_id in seen_ids:
+                report(host, "dicomfleet_machine_id",
+                       f"{machine_id!r} is already used by host {seen_ids[machine_id]}; machine ids are unique")
+            seen_ids.setdefault(machine_id, host)
+
+        ae_title = data.get("dicomfleet_ae_title")
+        if isinstance(ae_title, str) and ae_problem_free(ae_title):
+            # Orthanc compares AE titles without regard to case by default.
+            key = ae_title.strip().upper()
+            if key in seen_aets:
+                report(host, "dicomfleet_ae_title",
+                       f"{ae_title!r} is already used by host {seen_aets[key]}; AE titles are unique across the fleet")
+            seen_aets.setdefault(key, host)
+            pair = (key, str(data.get("ansible_host", host)))
+            if pair in seen_pairs and seen_pairs[pair] != host:
+                report(host, "dicomfleet_ae_title",
+                       f"the AE title and address pair {pair} is already used by host {seen_pairs[pair]}")
+            seen_pairs.setdefault(pair, host)
+
+        ingest = data.get("dicomfleet_ingest", INGEST_AGENT)
+        if ingest in (INGEST_AGENT, INGEST_SHARE) and "dicomfleet_watch_folders" not in data:
+            report(host, "dicomfleet_watch_folders",
+                   f"missing; a machine with ingest path {ingest!r} needs the absolute folders its agent watches")
+
+        target = data.get("dicomfleet_orthanc")
+        if target is None:
+            if len(central_names) > 1:
+                report(host, "dicomfleet_orthanc",
+                       "missing; the inventory has several central hosts ("
+                       + ", ".join(sorted(central_names)) + "), so name the one this machine sends to")
+        elif target not in central_names:
+            report(host, "dicomfleet_orthanc",
+                   f"{_describe(target)} is not a host of the group '{CENTRAL_GROUP}' (known: "
+                   + (", ".join(sorted(central_names)) or "none") + ")")
+
+    for entry in central:
+        aet = entry.vars.get("dicomfleet_orthanc_aet", "ORTHANC")
+        if isinstance(aet, str) and aet.strip().upper() in seen_aets:
+            report(entry.name, "dicomfleet_orthanc_aet",
+                   f"{aet!r} is also the AE title of host {seen_aets[aet.strip().upper()]}; "
+                   "Orthanc's AE title must differ from every machine's")
+
+    return problems
+
+
+def ae_problem_free(value: str) -> bool:
+    """Return True when VALUE is a valid AE title."""
+    return ae_title_problem(value) is None
