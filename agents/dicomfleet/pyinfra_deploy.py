@@ -1,0 +1,157 @@
+"""pyinfra deploys that put a host's plan (from dicomfleet.render) in place.
+
+deploy.py calls ``apply_plan`` for each host; every operation is named in
+sentence case and a service restarts only when a file it reads changed.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from pyinfra.api import deploy
+from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations.util import any_changed
+
+from dicomfleet import render
+
+
+@deploy("Install the Debian packages")
+def install_packages(plan: render.HostPlan) -> None:
+    """Install PLAN's Debian packages (Orthanc on a central host)."""
+    if not plan.apt_packages:
+        return
+    apt.packages(
+        name="Ensure the Debian packages are installed.",
+        packages=plan.apt_packages,
+        update=True,
+        cache_time=3600,
+        _env={"DEBIAN_FRONTEND": "noninteractive"},
+    )
+
+
+@deploy("Create the service users")
+def create_users(plan: render.HostPlan) -> None:
+    """Create one system user per dicomfleet service on the host."""
+    for user in plan.users:
+        server.user(
+            name=f"Ensure the system user {user} exists.",
+            user=user,
+            system=True,
+            shell="/usr/sbin/nologin",
+            home="/nonexistent",
+            create_home=False,
+        )
+
+
+@deploy("Install the dicomfleet virtual environment")
+def install_venv(plan: render.HostPlan, wheelhouse: Path):
+    """Copy the wheelhouse to the host and install dicomfleet into its own venv.
+
+    Hosts reach no Python package index, so pip installs from the copied
+    wheels only. Returns the install operation, or None when the host needs
+    no venv.
+    """
+    if not plan.needs_venv:
+        return None
+
+    wheels = files.sync(
+        name="Ensure the wheelhouse is on the host.",
+        src=str(wheelhouse),
+        dest=render.WHEELHOUSE,
+        delete=True,
+        mode="0644",
+        dir_mode="0755",
+    )
+    venv = server.shell(
+        name="Ensure the virtual environment exists.",
+        commands=[f"test -x {render.VENV}/bin/python || python3 -m venv --without-pip {render.VENV}"],
+    )
+    packages = "dicomfleet secantusdb" if render.ROLE_CENTRAL in plan.roles else "dicomfleet"
+    pip = f"{render.VENV}/bin/python $(ls {render.WHEELHOUSE}/pip-*.whl | head -n1)/pip"
+    return server.shell(
+        name="Install dicomfleet from the wheelhouse.",
+        commands=[
+            f"{pip} install --quiet --no-index --find-links {render.WHEELHOUSE} {packages}",
+            # The version stays the same between builds, so reinstall the changed wheel itself.
+            f"{pip} install --quiet --no-index --no-deps --force-reinstall {render.WHEELHOUSE}/dicomfleet-*.whl",
+        ],
+        _if=any_changed(wheels, venv),
+    )
+
+
+@deploy("Put the configuration in place")
+def put_files(plan: render.HostPlan) -> tuple[dict[str, list], list]:
+    """Create PLAN's folders and files.
+
+    Returns the file operations per unit they restart, and the operations that
+    write unit files.
+    """
+    for directory in plan.directories:
+        files.directory(
+            name=f"Ensure the folder {directory.path} exists.",
+            path=directory.path,
+            user=directory.owner,
+            group=directory.group,
+            mode=directory.mode,
+        )
+
+    changes: dict[str, list] = {}
+    unit_files = []
+    for managed in plan.files:
+        operation = files.put(
+            name=f"Ensure {managed.path} is up to date.",
+            src=io.BytesIO(managed.content.encode("utf-8")),
+            dest=managed.path,
+            user=managed.owner,
+            group=managed.group,
+            mode=managed.mode,
+        )
+        for unit in managed.restarts:
+            changes.setdefault(unit, []).append(operation)
+        if managed.path.startswith("/etc/systemd/system/"):
+            unit_files.append(operation)
+    return changes, unit_files
+
+
+@deploy("Start the services")
+def start_services(plan: render.HostPlan, changes: dict[str, list], unit_files: list) -> None:
+    """Enable and start PLAN's services, restarting those whose files changed.
+
+    UNIT_FILES are the operations that write systemd unit files.
+    """
+    if unit_files:
+        systemd.daemon_reload(
+            name="Reload systemd's unit files.",
+            _if=any_changed(*unit_files),
+        )
+
+    for unit in plan.services:
+        systemd.service(
+            name=f"Ensure {unit} is enabled and running.",
+            service=unit,
+            running=True,
+            enabled=True,
+        )
+        if unit in changes:
+            systemd.service(
+                name=f"Restart {unit} after its configuration changed.",
+                service=unit,
+                running=True,
+                restarted=True,
+                _if=any_changed(*changes[unit]),
+            )
+
+
+def apply_plan(plan: render.HostPlan, wheelhouse: Path) -> None:
+    """Put PLAN on the current host: packages, users, venv, files, then services."""
+    install_packages(plan)
+    create_users(plan)
+    installed = install_venv(plan, wheelhouse)
+    changes, unit_files = put_files(plan)
+    if installed is not None:
+        # New code restarts every dicomfleet service that runs it.
+        for unit in plan.services:
+            if unit.startswith("dicomfleet-"):
+                changes.setdefault(unit, []).append(installed)
+    start_services(plan, changes, unit_files)
