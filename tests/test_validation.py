@@ -203,3 +203,11 @@ def test_missing_file_named(tmp_path):
     with pytest.raises(InventoryError) as caught:
         load_site(path)
     assert caught.value.problems[0] == f"{path}: cannot read the inventory: No such file or directory."
+
+
+def test_every_variable_documented():
+    from dicomfleet.validation import SCHEMA
+
+    documentation = (ROOT / "docs" / "inventory.md").read_text()
+    missing = [name for name in SCHEMA if f"`{name}`" not in documentation]
+    assert missing == []

@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import os
 
-from dicomfleet import render
+from dicomfleet import lab, render
 from dicomfleet.inventory import InventoryError, Site, load_site
 
 INVENTORY_VARIABLE = "DICOMFLEET_INVENTORY"
-
-
-def lab_known_hosts_file() -> str:
-    """Return the known_hosts file that lists the lab hosts' SSH key."""
-    cache = os.environ.get("DICOMFLEET_LAB_CACHE", "/var/cache/dicomfleet")
-    return os.path.join(cache, "lab-known_hosts")
 
 
 def connection_data(site: Site, host: str) -> dict:
@@ -34,7 +28,7 @@ def connection_data(site: Site, host: str) -> dict:
     if "ansible_ssh_private_key_file" in variables:
         data["ssh_key"] = str(variables["ansible_ssh_private_key_file"])
     if variables.get("dicomfleet_lab"):
-        data["ssh_known_hosts_file"] = lab_known_hosts_file()
+        data["ssh_known_hosts_file"] = str(lab.known_hosts_path())
         data["ssh_strict_host_key_checking"] = "yes"
     return data
 
