@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
@@ -40,6 +42,7 @@ def create_users(plan: render.HostPlan) -> None:
             system=True,
             shell="/usr/sbin/nologin",
             home="/nonexistent",
+            ensure_home=False,
             create_home=False,
         )
 
@@ -63,10 +66,12 @@ def install_venv(plan: render.HostPlan, wheelhouse: Path):
         mode="0644",
         dir_mode="0755",
     )
-    venv = server.shell(
-        name="Ensure the virtual environment exists.",
-        commands=[f"test -x {render.VENV}/bin/python || python3 -m venv --without-pip {render.VENV}"],
-    )
+    venv = None
+    if not host.get_fact(File, path=f"{render.VENV}/pyvenv.cfg"):
+        venv = server.shell(
+            name="Create the virtual environment.",
+            commands=[f"python3 -m venv --without-pip {render.VENV}"],
+        )
     packages = "dicomfleet secantusdb" if render.ROLE_CENTRAL in plan.roles else "dicomfleet"
     pip = f"{render.VENV}/bin/python $(ls {render.WHEELHOUSE}/pip-*.whl | head -n1)/pip"
     return server.shell(
@@ -76,7 +81,7 @@ def install_venv(plan: render.HostPlan, wheelhouse: Path):
             # The version stays the same between builds, so reinstall the changed wheel itself.
             f"{pip} install --quiet --no-index --no-deps --force-reinstall {render.WHEELHOUSE}/dicomfleet-*.whl",
         ],
-        _if=any_changed(wheels, venv),
+        _if=any_changed(*[op for op in (wheels, venv) if op is not None]),
     )
 
 
