@@ -66,6 +66,28 @@ class ManagedDirectory:
     group: str
 
 
+@dataclasses.dataclass(frozen=True)
+class RemovedPath:
+    """A file or symbolic link the deploy removes from a host, such as a package's default site."""
+
+    path: str
+    # systemd units to restart when the path was removed.
+    restarts: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ManagedCommand:
+    """A shell command the deploy runs on a host after its services are started.
+
+    It runs only when one of the managed files at AFTER_CHANGES changed in this
+    deploy, so a second deploy runs nothing. The command line holds no secret.
+    """
+
+    name: str
+    command: str
+    after_changes: tuple[str, ...]
+
+
 @dataclasses.dataclass
 class HostPlan:
     """Everything the deploy puts on one host."""
@@ -79,6 +101,8 @@ class HostPlan:
     services: list[str] = dataclasses.field(default_factory=list)
     apt_packages: list[str] = dataclasses.field(default_factory=list)
     needs_venv: bool = False
+    removed_paths: list[RemovedPath] = dataclasses.field(default_factory=list)
+    commands: list[ManagedCommand] = dataclasses.field(default_factory=list)
 
 
 def _environment() -> jinja2.Environment:
@@ -123,14 +147,14 @@ def orthanc_settings(site: Site, server: OrthancServer) -> dict:
 
 
 def orthanc_users(site: Site, server: OrthancServer, secrets: credentials.SiteSecrets) -> list[dict]:
-    """Return Orthanc's HTTP users for SERVER: one per machine, the sync and an admin."""
+    """Return Orthanc's HTTP users for SERVER: one per machine, the sync, the dashboard and an admin."""
     users = []
     for machine in site.machines_of(server):
         if machine.ingest == INGEST_DICOM:
             continue
         users.append({"name": machine.orthanc_username,
                       "password": secrets.orthanc_password(machine.orthanc_username)})
-    for name in (credentials.SYNC_USER, credentials.ADMIN_USER):
+    for name in (credentials.SYNC_USER, credentials.DASHBOARD_USER, credentials.ADMIN_USER):
         users.append({"name": name, "password": secrets.orthanc_password(name)})
     return users
 
@@ -160,6 +184,8 @@ def server_context(site: Site, server: OrthancServer, secrets: credentials.SiteS
         "mongodb_database": str(data.get("dicomfleet_mongodb_database", "dicomfleet")),
         "patient_id_policy": str(data.get("dicomfleet_patient_id_policy", "dicom")),
         "patient_id_placeholder": str(data.get("dicomfleet_patient_id_placeholder", "NA")),
+        "records_on_delete": str(data.get("dicomfleet_records_on_delete", "mark")),
+        "sync_reconcile_interval_s": int(data.get("dicomfleet_sync_reconcile_interval_s", 900)),
     }
 
 
@@ -231,6 +257,14 @@ def _plan_central(plan: HostPlan, site: Site, server: OrthancServer,
 
     plan.services.extend(["orthanc.service", "dicomfleet-sync.service"])
 
+    from dicomfleet.dashboard import rollout
+
+    rollout.add_dashboard(plan, site, server, secrets, context)
+
+    from dicomfleet import archive
+
+    archive.plan_central(plan, site, server, secrets)
+
 
 def _plan_agent(plan: HostPlan, site: Site, machines: list[Machine],
                 secrets: credentials.SiteSecrets) -> None:
@@ -257,6 +291,10 @@ def _plan_agent(plan: HostPlan, site: Site, machines: list[Machine],
                                  "dicomfleet-agent.service.j2", restart))
     plan.services.append("dicomfleet-agent.service")
 
+    from dicomfleet import archive
+
+    archive.plan_agent(plan, site, machines, secrets)
+
 
 def _dedupe_directories(plan: HostPlan) -> None:
     seen: dict[str, ManagedDirectory] = {}
@@ -277,6 +315,10 @@ def plan_host(site: Site, host: str, secrets: credentials.SiteSecrets) -> HostPl
     if agent_machines:
         _plan_agent(plan, site, agent_machines, secrets)
 
+    from dicomfleet import archive
+
+    archive.plan_cluster_services(plan, site, host, secrets)
+
     _dedupe_directories(plan)
     return plan
 
@@ -287,6 +329,12 @@ def deployed_hosts(site: Site) -> list[str]:
     for machine in site.machines.values():
         if machine.runs_agent and machine.host not in hosts:
             hosts.append(machine.host)
+
+    from dicomfleet import cluster
+
+    for host in cluster.service_hosts(site):
+        if host not in hosts:
+            hosts.append(host)
     return hosts
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import zoneinfo
 from typing import Any, Callable
 
+from dicomfleet.dashboard import workinghours
 from dicomfleet.inventory import (
     CENTRAL_GROUP,
     INGEST_AGENT,
@@ -172,6 +174,27 @@ def _positive_problem(value: Any) -> str | None:
     return None
 
 
+def _timezone_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "must be an IANA time zone name such as Europe/Paris"
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return "is not an IANA time zone name known here (for example Europe/Paris or America/New_York)"
+    return None
+
+
+def _address_list_problem(value: Any) -> str | None:
+    if not isinstance(value, list):
+        return "must be a list of IP addresses"
+    for item in value:
+        try:
+            ipaddress.ip_address(str(item))
+        except ValueError:
+            return f"contains {item!r}, which is not an IP address"
+    return None
+
+
 # Every dicomfleet_ variable the inventory may set: name -> (check, what it is).
 SCHEMA: dict[str, tuple[Callable[[Any], str | None], str]] = {
     "dicomfleet_site": (_site_problem, "the site's short name"),
@@ -210,6 +233,22 @@ SCHEMA: dict[str, tuple[Callable[[Any], str | None], str]] = {
     "dicomfleet_agent_rescan_interval_s": (_positive_problem, "seconds between full rescans of the watch folders"),
     "dicomfleet_agent_quiet_time_s": (_positive_problem, "seconds a polled file must stay unchanged before it is sent"),
     "dicomfleet_agent_workers": (_positive_problem, "concurrent uploads per agent"),
+    "dicomfleet_records_on_delete": (_choice(("mark", "remove")), "what the sync does with the record of a deleted study"),
+    "dicomfleet_sync_reconcile_interval_s": (_count_problem, "seconds between the sync's full reconciles, 0 for only at start"),
+    "dicomfleet_timezone": (_timezone_problem, "the site's time zone for working hours and 'today' (default: the central host's)"),
+    "dicomfleet_working_hours": (workinghours.problem, "when the machine is expected to send images, e.g. 'Mon-Fri 07:00-19:00' or 'always'"),
+    "dicomfleet_silent_after_minutes": (_positive_problem, "working minutes without a study before the machine counts as silent"),
+    "dicomfleet_heartbeat_interval_s": (_positive_problem, "seconds between two heartbeats of an agent"),
+    "dicomfleet_offline_after_s": (_positive_problem, "seconds without a heartbeat before an agent machine counts as offline"),
+    "dicomfleet_queue_warning_minutes": (_positive_problem, "age in minutes of the oldest queued file that raises a warning"),
+    "dicomfleet_free_space_warning_mb": (_positive_problem, "free space in MB of a watch folder below which a warning is raised"),
+    "dicomfleet_dashboard_port": (_port_problem, "the dashboard's HTTP port on the central host"),
+    "dicomfleet_dashboard_bind": (address_problem, "the address the dashboard listens on"),
+    "dicomfleet_dashboard_url": (_url_problem, "the dashboard's URL as agents and 'dicomfleet status' reach it"),
+    "dicomfleet_dashboard_login": (_machine_id_problem, "the dashboard's login user name"),
+    "dicomfleet_dashboard_trusted_proxies": (_address_list_problem, "reverse proxies whose X-Forwarded- headers the dashboard honours"),
+    "dicomfleet_orthanc_disk_alert_percent": (_positive_problem, "percent of Orthanc's storage disk in use that raises an alert"),
+    "dicomfleet_sync_lag_alert_minutes": (_positive_problem, "minutes the sync may stay behind Orthanc's change feed before an alert"),
 }
 
 MACHINE_REQUIRED = (

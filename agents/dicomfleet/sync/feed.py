@@ -1,0 +1,171 @@
+"""Follow Orthanc's change feed from a checkpoint in MongoDB and write each stable study's record.
+
+Pages are read while Orthanc reports more; then ``/changes`` is polled about
+once a second, because Orthanc 1.10.1's feed does not block. The checkpoint
+moves only after the records of a page are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from dicomfleet.sync import updater
+from dicomfleet.sync.context import SyncContext
+from dicomfleet.sync.orthanc import Change, ChangePage
+from dicomfleet.sync.reconcile import reconcile
+from dicomfleet.sync.retry import Stopped, wait_or_stop
+from dicomfleet.sync.store import TRANSIENT_ERRORS, Checkpoint
+
+log = logging.getLogger(__name__)
+
+PAGE_LIMIT = 100
+POLL_INTERVAL_S = 1.0
+
+STABLE_STUDY = "StableStudy"
+DELETED = "Deleted"
+STUDY = "Study"
+
+
+class ChangeFollower:
+    """Reads one Orthanc server's change feed into MongoDB until the context's stop event is set."""
+
+    def __init__(self, context: SyncContext):
+        self.context = context
+        self.checkpoint = Checkpoint(seq=0, last_change=None)
+        self.seen_recoveries = 0
+        self.last_reconcile = time.monotonic()
+        self.backlog = 0
+
+    def run(self) -> None:
+        """Prepare MongoDB, check Orthanc's database, reconcile, then follow the feed until stopped."""
+        context = self.context
+        try:
+            context.call_mongodb("creating the indexes of the studies collection", context.studies.ensure_indexes)
+            self.checkpoint = context.call_mongodb("reading the checkpoint", context.checkpoints.load)
+            log.info("Following the change feed of %s from change %d.", context.orthanc.label, self.checkpoint.seq)
+
+            if not self._check_database():
+                self._reconcile()
+            while True:
+                self._follow_once()
+        except Stopped:
+            log.info("Stopping at change %d of %s.", self.checkpoint.seq, context.orthanc.label)
+
+    def _follow_once(self) -> None:
+        """Read and write one page of changes, or wait for new ones when the feed is read to its end."""
+        context = self.context
+        since = self.checkpoint.seq
+        page = context.call_orthanc(f"reading the changes after {since}",
+                                    lambda: context.orthanc.changes(since, PAGE_LIMIT))
+
+        if context.orthanc_outage.recoveries != self.seen_recoveries:
+            self.seen_recoveries = context.orthanc_outage.recoveries
+            # A restarted Orthanc loses its list of studies that were not yet
+            # stable, so those never get a StableStudy change. Reconcile finds them.
+            # NOTE: a restart within one poll interval raises no error here, so
+            # such studies wait for the next periodic reconcile.
+            log.info("%s responds again; checking its database and reconciling.", context.orthanc.label)
+            if not self._check_database():
+                self._reconcile()
+            return
+
+        if not page.changes and page.last < since:
+            self._reset(f"its change feed ends at change {page.last}, below the checkpoint {since}")
+            return
+
+        self._write_page(page)
+        if not page.done:
+            self.backlog += len(page.changes)
+            return
+
+        if self.backlog:
+            log.info("Caught up with the change feed of %s at change %d after %d changes.",
+                     context.orthanc.label, self.checkpoint.seq, self.backlog + len(page.changes))
+            self.backlog = 0
+        interval = context.config.reconcile_interval_s
+        if interval and time.monotonic() - self.last_reconcile >= interval:
+            self._reconcile()
+        wait_or_stop(context.stop, POLL_INTERVAL_S)
+
+    def _write_page(self, page: ChangePage) -> None:
+        """Write the records of PAGE's changes, then move the checkpoint past them."""
+        # Orthanc can report one study stable several times in a page; only the last one is read.
+        last_stable: dict[str, int] = {}
+        for index, change in enumerate(page.changes):
+            if change.change_type == STABLE_STUDY:
+                last_stable[change.id] = index
+
+        written: Change | None = None
+        try:
+            for index, change in enumerate(page.changes):
+                if change.change_type == STABLE_STUDY and last_stable[change.id] == index:
+                    updater.refresh_study(self.context, change.id)
+                elif change.change_type == DELETED and change.resource_type == STUDY:
+                    updater.delete_study(self.context, {"orthancStudyId": change.id},
+                                         f"Orthanc study {change.id}")
+                written = change
+        except Stopped:
+            self._save_on_stop(written)
+            raise
+
+        if written is not None:
+            checkpoint = Checkpoint(seq=written.seq, last_change=written.fingerprint())
+            self.context.call_mongodb(f"saving the checkpoint at change {written.seq}",
+                                      lambda: self.context.checkpoints.save(checkpoint))
+            self.checkpoint = checkpoint
+
+    def _save_on_stop(self, written: Change | None) -> None:
+        """Save the checkpoint at the last written change with one attempt, because the service is stopping."""
+        if written is None:
+            return
+        checkpoint = Checkpoint(seq=written.seq, last_change=written.fingerprint())
+        try:
+            self.context.checkpoints.save(checkpoint)
+        except TRANSIENT_ERRORS as error:
+            log.warning("Could not save the checkpoint at change %d while stopping (%s); "
+                        "the next start reads the changes after %d again.", written.seq, error, self.checkpoint.seq)
+            return
+        self.checkpoint = checkpoint
+
+    def _check_database(self) -> bool:
+        """Reset the checkpoint if Orthanc's database is not the one it was taken from; return True if reset.
+
+        The change at the checkpoint's sequence number must still be the one
+        recorded. Orthanc 1.10.1 also drops a resource's changes when the
+        resource is deleted, so a missing change proves nothing.
+        """
+        checkpoint = self.checkpoint
+        if checkpoint.seq == 0:
+            return False
+
+        context = self.context
+        page = context.call_orthanc(f"reading change {checkpoint.seq}",
+                                    lambda: context.orthanc.changes(checkpoint.seq - 1, 1))
+        if page.last < checkpoint.seq and not page.changes:
+            self._reset(f"its change feed ends at change {page.last}, below the checkpoint {checkpoint.seq}")
+            return True
+
+        recorded = checkpoint.last_change
+        if recorded is None or not page.changes or page.changes[0].seq != checkpoint.seq:
+            return False
+        current = page.changes[0].fingerprint()
+        if current != recorded:
+            self._reset(f"change {checkpoint.seq} is now {current['changeType']} of {current['id']}, "
+                        f"but the checkpoint recorded {recorded.get('changeType')} of {recorded.get('id')}")
+            return True
+        return False
+
+    def _reset(self, reason: str) -> None:
+        """Start the feed again from 0 after Orthanc's database was replaced, and reconcile."""
+        context = self.context
+        previous = self.checkpoint.seq
+        log.warning("%s has a new or restored database: %s. Resetting the checkpoint from change %d to 0 "
+                    "and reconciling.", context.orthanc.label, reason, previous)
+        self.checkpoint = context.call_mongodb("resetting the checkpoint",
+                                               lambda: context.checkpoints.reset(previous, reason))
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        reconcile(self.context, repair=True)
+        self.last_reconcile = time.monotonic()

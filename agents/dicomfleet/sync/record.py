@@ -1,0 +1,182 @@
+"""Read one study from Orthanc and build its MongoDB record in the viewer's camelCase shape.
+
+Absent or empty DICOM tags are stored as null; Orthanc has already converted
+names from the study's character set to UTF-8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+from typing import Any
+
+from dicomfleet.sync.config import PATIENT_ID_PLACEHOLDER, OrthancSource, RecordPolicy
+from dicomfleet.sync.orthanc import OrthancClient, ResourceNotFound
+from dicomfleet.sync.provenance import InstanceSource, MachineDirectory, StudySources
+
+log = logging.getLogger(__name__)
+
+# DICOM modality defined terms for objects without images of their own.
+# A study's main modality is one of these only when the study has nothing else.
+NON_IMAGE_MODALITIES = frozenset({"PR", "SR", "KO", "DOC", "REG", "SEG", "RTSTRUCT", "RTPLAN", "RTRECORD"})
+
+
+@dataclasses.dataclass
+class StudySnapshot:
+    """Everything read from Orthanc about one study at one moment."""
+
+    orthanc_id: str
+    study: dict[str, Any]
+    series: list[dict[str, Any]]
+    # Tags of the study's first instance, or empty when the study has none left.
+    instance_tags: dict[str, Any]
+    # Metadata per instance id, for the instances that still existed when read.
+    instance_metadata: dict[str, dict[str, str]]
+
+    @property
+    def study_instance_uid(self) -> str:
+        """The study's StudyInstanceUID."""
+        return str(self.study.get("MainDicomTags", {}).get("StudyInstanceUID", ""))
+
+
+def read_study(client: OrthancClient, orthanc_id: str) -> StudySnapshot:
+    """Read the study ORTHANC_ID, its series, its first instance's tags and every instance's metadata.
+
+    Raises ResourceNotFound when the study itself is gone. An instance deleted
+    while it is read is left out.
+    """
+    study = client.study(orthanc_id)
+    series = client.study_series(orthanc_id)
+
+    instance_ids = [instance_id for entry in series for instance_id in entry.get("Instances", [])]
+    instance_tags: dict[str, Any] = {}
+    if instance_ids:
+        try:
+            instance_tags = client.instance_tags(instance_ids[0])
+        except ResourceNotFound:
+            log.info("Instance %s of study %s was deleted while the sync read it.", instance_ids[0], orthanc_id)
+
+    metadata: dict[str, dict[str, str]] = {}
+    for instance_id in instance_ids:
+        try:
+            metadata[instance_id] = client.instance_metadata(instance_id)
+        except ResourceNotFound:
+            log.info("Instance %s of study %s was deleted while the sync read it.", instance_id, orthanc_id)
+
+    return StudySnapshot(orthanc_id=orthanc_id, study=study, series=series,
+                         instance_tags=instance_tags, instance_metadata=metadata)
+
+
+def _text(tags: dict[str, Any], name: str) -> str | None:
+    """Return the tag NAME as stripped text, or None when it is absent or empty."""
+    value = tags.get(name)
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    return value or None
+
+
+def parse_orthanc_date(value: str | None) -> datetime.datetime | None:
+    """Parse Orthanc's UTC timestamp ``YYYYMMDDTHHMMSS`` (ReceptionDate, LastUpdate), or return None."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.strptime(value, "%Y%m%dT%H%M%S")
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=datetime.timezone.utc)
+
+
+def _series_number(entry: dict[str, Any]) -> tuple[int, str]:
+    tags = entry.get("MainDicomTags", {})
+    try:
+        number = int(str(tags.get("SeriesNumber", "")).strip())
+    except ValueError:
+        number = 2**31
+    return (number, str(tags.get("SeriesInstanceUID", "")))
+
+
+def main_modality(series: list[dict[str, Any]]) -> str | None:
+    """Return the modality of the series with the most instances, preferring image modalities."""
+    best: tuple[bool, int] | None = None
+    chosen = None
+    for entry in series:
+        modality = _text(entry.get("MainDicomTags", {}), "Modality")
+        if modality is None:
+            continue
+        rank = (modality not in NON_IMAGE_MODALITIES, len(entry.get("Instances", [])))
+        if best is None or rank > best:
+            best = rank
+            chosen = modality
+    return chosen
+
+
+@dataclasses.dataclass
+class BuiltRecord:
+    """A study record ready to upsert, with the source summary behind it for logging."""
+
+    fields: dict[str, Any]
+    sources: StudySources
+
+
+def build_record(snapshot: StudySnapshot, source: OrthancSource, policy: RecordPolicy,
+                 directory: MachineDirectory) -> BuiltRecord:
+    """Build the MongoDB record of SNAPSHOT; createdAt, updatedAt and deletion fields are left to the store."""
+    study_tags = snapshot.study.get("MainDicomTags", {})
+    patient_tags = snapshot.study.get("PatientMainDicomTags", {})
+    instance_tags = snapshot.instance_tags
+
+    # Reception order decides ties between machines, so sort by ReceptionDate.
+    received: list[tuple[str, str, InstanceSource]] = []
+    for instance_id, metadata in snapshot.instance_metadata.items():
+        received.append((metadata.get("ReceptionDate", ""), instance_id, directory.resolve(metadata)))
+    received.sort(key=lambda item: (item[0], item[1]))
+    source_of = {instance_id: instance_source for _, instance_id, instance_source in received}
+    sources = directory.summarize([instance_source for _, _, instance_source in received])
+
+    series_list = []
+    for entry in sorted(snapshot.series, key=_series_number):
+        tags = entry.get("MainDicomTags", {})
+        instances = entry.get("Instances", [])
+        series_sources = [source_of[instance_id] for instance_id in instances if instance_id in source_of]
+        series_list.append({
+            "seriesInstanceUID": _text(tags, "SeriesInstanceUID"),
+            "modality": _text(tags, "Modality"),
+            "instanceCount": len(instances),
+            "sourceMachine": directory.summarize(series_sources).machine_id,
+        })
+
+    if policy.patient_id_policy == PATIENT_ID_PLACEHOLDER:
+        patient_id = policy.patient_id_placeholder
+    else:
+        patient_id = _text(patient_tags, "PatientID") or _text(instance_tags, "PatientID")
+
+    reception_dates = sorted(date for date, _, _ in received if date)
+    modalities = sorted({entry["modality"] for entry in series_list if entry["modality"]})
+
+    fields = {
+        "studyInstanceUID": snapshot.study_instance_uid,
+        "patientID": patient_id,
+        "patientName": _text(patient_tags, "PatientName") or _text(instance_tags, "PatientName"),
+        "studyDate": _text(study_tags, "StudyDate") or _text(instance_tags, "StudyDate"),
+        "studyDescription": _text(study_tags, "StudyDescription") or _text(instance_tags, "StudyDescription"),
+        "modality": main_modality(snapshot.series),
+        "modalitiesInStudy": modalities,
+        "seriesCount": len(series_list),
+        "instanceCount": sum(entry["instanceCount"] for entry in series_list),
+        "stationName": _text(instance_tags, "StationName"),
+        "sourceModality": sources.modality,
+        "sourceAETitle": sources.ae_title,
+        "sourceIP": sources.ip,
+        "sourceMachine": sources.machine_id,
+        "sourceMachines": sources.machine_ids,
+        "orthancStudyId": snapshot.orthanc_id,
+        "orthancName": source.name,
+        "remoteOrthancUrl": source.public_url,
+        "orthancLastUpdate": snapshot.study.get("LastUpdate"),
+        "series": series_list,
+        "firstReceivedAt": parse_orthanc_date(reception_dates[0]) if reception_dates else None,
+        "lastReceivedAt": parse_orthanc_date(reception_dates[-1]) if reception_dates else None,
+    }
+    return BuiltRecord(fields=fields, sources=sources)
