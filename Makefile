@@ -8,8 +8,10 @@ INVENTORY ?= inventory/lab.yml
 PYTEST_ARGS ?=
 
 # Debian packages the control machine needs: Orthanc and DCMTK for tests and
-# benchmarks, systemd-nspawn and debootstrap for the lab hosts, ssh for deploys.
-APT_PACKAGES := orthanc dcmtk systemd-container debootstrap openssh-client sqlite3 curl
+# benchmarks, systemd-nspawn and debootstrap for the lab hosts, ssh for deploys,
+# chromium for the dashboard's browser tests and prometheus for promtool, which
+# checks the rendered alert rules.
+APT_PACKAGES := orthanc dcmtk systemd-container debootstrap openssh-client sqlite3 curl chromium prometheus
 
 .PHONY: help deps venv lab-up lab-down deploy demo test bench clean
 

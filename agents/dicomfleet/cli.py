@@ -19,6 +19,11 @@ COMMANDS = {
     "lab": ("dicomfleet.lab", "boot or stop the local systemd-nspawn lab hosts"),
     "demo": ("dicomfleet.demo", "drop real DICOM files on the lab scanners and report where they landed"),
     "wheelhouse": ("dicomfleet.wheelhouse", "build the wheels the hosts install from"),
+    "backup": ("dicomfleet.backup", "back up Orthanc's index or storage into the backup folder"),
+    "restore": ("dicomfleet.restore", "rebuild a fresh Orthanc from a backup and check every file"),
+    "dashboard": ("dicomfleet.dashboard.service", "run the fleet dashboard and receive the agents' heartbeats"),
+    "status": ("dicomfleet.status", "print each machine's state, last heartbeat and today's counts"),
+    "check": ("dicomfleet.check", "send a test image through one machine's ingest path and check it arrives"),
 }
 
 

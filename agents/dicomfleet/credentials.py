@@ -21,6 +21,10 @@ PLACEHOLDER = "(generated at first deploy)"
 # Orthanc HTTP users that are not machines.
 SYNC_USER = "dicomfleet-sync"
 ADMIN_USER = "dicomfleet-admin"
+DASHBOARD_USER = "dicomfleet-dashboard"
+
+# The dashboard's login user when the inventory names none.
+DEFAULT_DASHBOARD_LOGIN = "dicomfleet"
 
 
 def default_secrets_dir(site: Site) -> Path:
@@ -32,7 +36,7 @@ def default_secrets_dir(site: Site) -> Path:
 
 
 class SiteSecrets:
-    """The secrets of one site: one Orthanc password per machine and service user."""
+    """The secrets of one site: Orthanc passwords, heartbeat tokens and the dashboard's login."""
 
     def __init__(self, folder: Path, create: bool):
         self.folder = folder
@@ -60,6 +64,18 @@ class SiteSecrets:
     def orthanc_password(self, username: str) -> str:
         """Return the Orthanc HTTP password of USERNAME."""
         return self._read_or_make(f"orthanc-{username}.password")
+
+    def heartbeat_token(self, machine_id: str) -> str:
+        """Return the token MACHINE_ID's agent presents with each heartbeat to the dashboard."""
+        return self._read_or_make(f"heartbeat-{machine_id}.token")
+
+    def dashboard_password(self, login: str) -> str:
+        """Return the password of the dashboard's login user LOGIN."""
+        return self._read_or_make(f"dashboard-{login}.password")
+
+    def dashboard_session_key(self) -> str:
+        """Return the key that signs the dashboard's session cookies."""
+        return self._read_or_make("dashboard-session.key")
 
 
 def ensure_secrets(site: Site, folder: Path | None = None) -> SiteSecrets:

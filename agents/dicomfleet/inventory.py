@@ -121,8 +121,16 @@ class Site:
     vars: dict[str, Any]
 
     def machines_of(self, server: OrthancServer) -> list[Machine]:
-        """Return the machines that send to SERVER, in inventory order."""
-        return [m for m in self.machines.values() if m.orthanc == server.host]
+        """Return the machines that send to SERVER, in inventory order.
+
+        The nodes of one cluster (the same ``dicomfleet_cluster``) share their
+        machines, because any node may receive any machine's images.
+        """
+        targets = {server.host}
+        cluster = server.vars.get("dicomfleet_cluster")
+        if cluster:
+            targets = {s.host for s in self.servers.values() if s.vars.get("dicomfleet_cluster") == cluster}
+        return [m for m in self.machines.values() if m.orthanc in targets]
 
     def server_of(self, machine: Machine) -> OrthancServer:
         """Return the Orthanc server MACHINE sends to."""

@@ -86,11 +86,11 @@ def install_venv(plan: render.HostPlan, wheelhouse: Path):
 
 
 @deploy("Put the configuration in place")
-def put_files(plan: render.HostPlan) -> tuple[dict[str, list], list]:
+def put_files(plan: render.HostPlan) -> tuple[dict[str, list], list, dict[str, object]]:
     """Create PLAN's folders and files.
 
-    Returns the file operations per unit they restart, and the operations that
-    write unit files.
+    Returns the file operations per unit they restart, the operations that
+    write unit files, and the file operations by path.
     """
     for directory in plan.directories:
         files.directory(
@@ -103,6 +103,19 @@ def put_files(plan: render.HostPlan) -> tuple[dict[str, list], list]:
 
     changes: dict[str, list] = {}
     unit_files = []
+    file_operations: dict[str, object] = {}
+    for removed in plan.removed_paths:
+        operation = files.file(
+            name=f"Ensure {removed.path} is absent.",
+            path=removed.path,
+            present=False,
+            # A symbolic link (Debian's enabled sites) is removed too, without a backup copy.
+            force=True,
+            force_backup=False,
+        )
+        for unit in removed.restarts:
+            changes.setdefault(unit, []).append(operation)
+
     for managed in plan.files:
         operation = files.put(
             name=f"Ensure {managed.path} is up to date.",
@@ -112,11 +125,12 @@ def put_files(plan: render.HostPlan) -> tuple[dict[str, list], list]:
             group=managed.group,
             mode=managed.mode,
         )
+        file_operations[managed.path] = operation
         for unit in managed.restarts:
             changes.setdefault(unit, []).append(operation)
         if managed.path.startswith("/etc/systemd/system/"):
             unit_files.append(operation)
-    return changes, unit_files
+    return changes, unit_files, file_operations
 
 
 @deploy("Start the services")
@@ -148,15 +162,30 @@ def start_services(plan: render.HostPlan, changes: dict[str, list], unit_files: 
             )
 
 
+@deploy("Run the commands that follow changed files")
+def run_commands(plan: render.HostPlan, file_operations: dict[str, object]) -> None:
+    """Run each of PLAN's commands whose watched files changed in this deploy."""
+    for command in plan.commands:
+        watched = [file_operations[path] for path in command.after_changes if path in file_operations]
+        if not watched:
+            continue
+        server.shell(
+            name=command.name,
+            commands=[command.command],
+            _if=any_changed(*watched),
+        )
+
+
 def apply_plan(plan: render.HostPlan, wheelhouse: Path) -> None:
-    """Put PLAN on the current host: packages, users, venv, files, then services."""
+    """Put PLAN on the current host: packages, users, venv, files, services, then commands."""
     install_packages(plan)
     create_users(plan)
     installed = install_venv(plan, wheelhouse)
-    changes, unit_files = put_files(plan)
+    changes, unit_files, file_operations = put_files(plan)
     if installed is not None:
         # New code restarts every dicomfleet service that runs it.
         for unit in plan.services:
             if unit.startswith("dicomfleet-"):
                 changes.setdefault(unit, []).append(installed)
     start_services(plan, changes, unit_files)
+    run_commands(plan, file_operations)

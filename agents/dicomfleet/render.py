@@ -7,6 +7,7 @@ pyinfra's deploy.py, the Ansible roles and ``dicomfleet render`` all call
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -105,13 +106,19 @@ class HostPlan:
     commands: list[ManagedCommand] = dataclasses.field(default_factory=list)
 
 
-def _environment() -> jinja2.Environment:
+@functools.lru_cache(maxsize=4)
+def _environment_of(folder: str) -> jinja2.Environment:
+    # One environment per folder keeps compiled templates; Jinja2 reloads a template whose file changed.
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        loader=jinja2.FileSystemLoader(folder),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+
+
+def _environment() -> jinja2.Environment:
+    return _environment_of(str(templates_dir()))
 
 
 def render_template(name: str, context: dict) -> str:

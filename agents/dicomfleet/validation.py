@@ -13,6 +13,7 @@ import re
 import zoneinfo
 from typing import Any, Callable
 
+from dicomfleet import archive_checks
 from dicomfleet.dashboard import workinghours
 from dicomfleet.inventory import (
     CENTRAL_GROUP,
@@ -249,6 +250,31 @@ SCHEMA: dict[str, tuple[Callable[[Any], str | None], str]] = {
     "dicomfleet_dashboard_trusted_proxies": (_address_list_problem, "reverse proxies whose X-Forwarded- headers the dashboard honours"),
     "dicomfleet_orthanc_disk_alert_percent": (_positive_problem, "percent of Orthanc's storage disk in use that raises an alert"),
     "dicomfleet_sync_lag_alert_minutes": (_positive_problem, "minutes the sync may stay behind Orthanc's change feed before an alert"),
+    "dicomfleet_tls": (_bool_problem, "whether nginx serves Orthanc's REST API over HTTPS on this host"),
+    "dicomfleet_https_port": (_port_problem, "the port nginx serves HTTPS on"),
+    "dicomfleet_tls_certificate": (_string_problem, "the host's PEM certificate chain, instead of one from the site CA"),
+    "dicomfleet_tls_key": (_string_problem, "the PEM private key of dicomfleet_tls_certificate"),
+    "dicomfleet_tls_ca_certificate": (_string_problem, "the PEM CA certificate that clients trust for dicomfleet_tls_certificate"),
+    "dicomfleet_tls_names": (archive_checks.dns_names_problem, "extra DNS names in the certificate from the site CA"),
+    "dicomfleet_firewall": (_bool_problem, "whether the deploy puts nftables rules on this host"),
+    "dicomfleet_viewer_networks": (archive_checks.networks_problem, "networks whose browsers may reach HTTPS"),
+    "dicomfleet_admin_networks": (archive_checks.networks_problem, "networks that may reach SSH"),
+    "dicomfleet_imaging_vlan": (archive_checks.vlan_problem, "the VLAN id of the imaging network"),
+    "dicomfleet_imaging_subnet": (archive_checks.network_problem, "the IP subnet of the imaging network"),
+    "dicomfleet_orthanc_plugin_packages": (archive_checks.plugin_packages_problem, "Debian packages of Orthanc plugins to install and configure"),
+    "dicomfleet_cluster": (archive_checks.name_problem, "the cluster this Orthanc server is a node of"),
+    "dicomfleet_cluster_balancer": (_string_problem, "the inventory host running the cluster's nginx load balancer"),
+    "dicomfleet_cluster_https_port": (_port_problem, "the port the cluster's load balancer serves HTTPS on"),
+    "dicomfleet_postgresql_host": (_string_problem, "the inventory host running the cluster's PostgreSQL index"),
+    "dicomfleet_postgresql_port": (_port_problem, "the PostgreSQL server's port"),
+    "dicomfleet_postgresql_database": (archive_checks.name_problem, "the cluster's PostgreSQL database"),
+    "dicomfleet_postgresql_index_connections": (_positive_problem, "connections each node keeps to the index"),
+    "dicomfleet_backup": (_bool_problem, "whether the central host backs up Orthanc's index and storage"),
+    "dicomfleet_backup_target": (_absolute_path_problem, "the folder backups are written to"),
+    "dicomfleet_backup_index_schedule": (archive_checks.calendar_problem, "when the index backup runs (systemd OnCalendar)"),
+    "dicomfleet_backup_storage_schedule": (archive_checks.calendar_problem, "when the storage snapshot runs (systemd OnCalendar)"),
+    "dicomfleet_backup_index_keep": (_positive_problem, "index backups kept"),
+    "dicomfleet_backup_storage_keep": (_positive_problem, "storage snapshots kept"),
 }
 
 MACHINE_REQUIRED = (
@@ -361,6 +387,7 @@ def validate(raw: RawInventory) -> list[str]:
                    f"{aet!r} is also the AE title of host {seen_aets[aet.strip().upper()]}; "
                    "Orthanc's AE title must differ from every machine's")
 
+    archive_checks.validate(raw, report)
     return problems
 
 

@@ -1,0 +1,210 @@
+"""Send one DICOM file to Orthanc's REST API and tag the instance with its source machine.
+
+``POST /instances`` streams the file from disk; ``PUT /instances/{id}/metadata/SourceMachine``
+records the machine (a UserMetadata entry declared in the rendered orthanc.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+
+import requests
+
+log = logging.getLogger(__name__)
+
+SOURCE_MACHINE_METADATA = "SourceMachine"
+CONNECT_TIMEOUT_S = 10.0
+# Orthanc responds to POST /instances only after storing and indexing the file.
+READ_TIMEOUT_S = 300.0
+BODY_BLOCK = 256 * 1024
+
+STATUS_SUCCESS = "Success"
+STATUS_ALREADY_STORED = "AlreadyStored"
+
+# Orthanc error codes (OrthancStatus in an error body) that blame the file itself, as
+# Orthanc 1.10.1 returns them to POST /instances: 15 BadFileFormat (HTTP 400, also for an
+# empty body) and 21 InexistentTag (HTTP 404, a UID Orthanc indexes by is missing).
+BAD_FILE_CODES = frozenset({15, 21})
+
+
+class TransientError(Exception):
+    """Orthanc could not be reached, timed out, or failed in a way that a retry may fix."""
+
+
+class AuthError(Exception):
+    """Orthanc rejected the machine's credentials (HTTP 401 or 403)."""
+
+    def __init__(self, status: int):
+        self.status = status
+        super().__init__(f"HTTP {status}")
+
+
+class FileRejected(Exception):
+    """Orthanc rejected the file itself as not valid DICOM."""
+
+
+class FileChangedError(Exception):
+    """The file became shorter while it was being sent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OrthancTarget:
+    """The Orthanc URL, credentials and TLS verification that a machine's files are sent with."""
+
+    url: str
+    auth: tuple[str, str]
+    # requests' ``verify``: True for the system's CA certificates, or the path of a CA file.
+    verify: bool | str = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreResult:
+    """Orthanc's response to POST /instances and the SHA-256 of the bytes sent."""
+
+    status: str
+    instance_id: str
+    sha256: str
+
+
+class _FileBody:
+    """A request body that streams SIZE bytes of a file and hashes them on the way."""
+
+    def __init__(self, handle, size: int):
+        self.handle = handle
+        self.size = size
+        self.remaining = size
+        self.digest = hashlib.sha256()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, amount: int = -1) -> bytes:
+        if self.remaining == 0:
+            return b""
+        if amount is None or amount < 0:
+            amount = self.remaining
+        amount = min(amount, self.remaining, BODY_BLOCK)
+
+        data = self.handle.read(amount)
+        if not data:
+            raise FileChangedError(
+                f"the file ended after {self.size - self.remaining} of the {self.size} bytes it had when queued")
+        self.digest.update(data)
+        self.remaining -= len(data)
+        return data
+
+
+def _error_summary(response: requests.Response) -> tuple[str, int | None]:
+    """Return the message of an error response and its Orthanc error code (None without a JSON body)."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text.strip().replace("\n", " ")
+        return (text[:200] or response.reason or "no details"), None
+    if not isinstance(body, dict):
+        return str(body)[:200], None
+
+    message = str(body.get("Message") or body.get("OrthancError") or response.reason)
+    details = body.get("Details")
+    if details:
+        message = f"{message}: {details}"
+    code = body.get("OrthancStatus")
+    return message, code if isinstance(code, int) else None
+
+
+def _raise_for_status(response: requests.Response, action: str) -> None:
+    """Raise the exception that classifies a non-2xx response to ACTION."""
+    if response.status_code in (401, 403):
+        raise AuthError(response.status_code)
+
+    message, _ = _error_summary(response)
+    raise TransientError(f"{action} returned HTTP {response.status_code}: {message}")
+
+
+def store_instance(session: requests.Session, target: OrthancTarget, path: str, size: int) -> StoreResult:
+    """POST the first SIZE bytes of the file PATH to ``/instances`` and return Orthanc's response.
+
+    A connection error is retried once at once, because Orthanc may close an idle
+    keep-alive connection just as it is reused. Resending is safe because Orthanc
+    returns AlreadyStored for an instance it has. Raises TransientError,
+    AuthError, FileRejected, FileChangedError or OSError.
+    """
+    for attempt in (1, 2):
+        with open(path, "rb") as handle:
+            body = _FileBody(handle, size)
+            try:
+                response = session.post(
+                    f"{target.url}/instances", data=body, auth=target.auth, verify=target.verify,
+                    headers={"Content-Type": "application/dicom"},
+                    timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+            except requests.ConnectionError as error:
+                if attempt == 1:
+                    log.debug("POST %s/instances for %s failed (%s); retrying once at once in case Orthanc "
+                              "closed an idle keep-alive connection.", target.url, path, error)
+                    continue
+                raise TransientError(f"cannot connect to Orthanc at {target.url}: {error}") from error
+            except requests.Timeout as error:
+                raise TransientError(f"Orthanc at {target.url} timed out: {error}") from error
+            except requests.RequestException as error:
+                raise TransientError(f"POST {target.url}/instances failed: {error}") from error
+        break
+
+    if response.status_code in (400, 404, 415):
+        message, code = _error_summary(response)
+        if response.status_code == 415 or code in BAD_FILE_CODES:
+            raise FileRejected(f"Orthanc rejected the file (HTTP {response.status_code}): {message}")
+    if not response.ok:
+        _raise_for_status(response, "POST /instances")
+
+    try:
+        result = response.json()
+        status = result["Status"]
+        instance_id = result["ID"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise TransientError(
+            f"POST /instances returned a response without Status and ID: {response.text[:200]!r}") from error
+
+    if status not in (STATUS_SUCCESS, STATUS_ALREADY_STORED):
+        raise TransientError(f"POST /instances returned Status {status!r} for instance {instance_id}")
+    return StoreResult(status=status, instance_id=instance_id, sha256=body.digest.hexdigest())
+
+
+def _request(session: requests.Session, method: str, target: OrthancTarget, path: str, **kwargs):
+    url = f"{target.url}{path}"
+    try:
+        return session.request(method, url, auth=target.auth, verify=target.verify,
+                               timeout=(CONNECT_TIMEOUT_S, 60.0), **kwargs)
+    except requests.Timeout as error:
+        raise TransientError(f"{method} {url} timed out: {error}") from error
+    except requests.RequestException as error:
+        raise TransientError(f"{method} {url} failed: {error}") from error
+
+
+def source_machine_of(session: requests.Session, target: OrthancTarget, instance_id: str) -> str | None:
+    """Return the SourceMachine metadata of INSTANCE_ID, or None when it has none."""
+    path = f"/instances/{instance_id}/metadata/{SOURCE_MACHINE_METADATA}"
+    response = _request(session, "GET", target, path)
+    if response.status_code == 404:
+        return None
+    if not response.ok:
+        _raise_for_status(response, f"GET {path}")
+    return response.text
+
+
+def set_source_machine(session: requests.Session, target: OrthancTarget, instance_id: str, machine_id: str) -> None:
+    """Write MACHINE_ID as the SourceMachine metadata of INSTANCE_ID."""
+    path = f"/instances/{instance_id}/metadata/{SOURCE_MACHINE_METADATA}"
+    response = _request(session, "PUT", target, path, data=machine_id.encode("utf-8"),
+                        headers={"Content-Type": "text/plain"})
+    if not response.ok:
+        _raise_for_status(response, f"PUT {path}")
+
+
+def delete_instance(session: requests.Session, target: OrthancTarget, instance_id: str) -> None:
+    """Delete INSTANCE_ID from Orthanc."""
+    path = f"/instances/{instance_id}"
+    response = _request(session, "DELETE", target, path)
+    if not response.ok and response.status_code != 404:
+        _raise_for_status(response, f"DELETE {path}")

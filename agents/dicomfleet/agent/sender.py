@@ -1,0 +1,384 @@
+"""The agent's upload workers: take due files from the spool, check them and send them to Orthanc.
+
+Each worker thread keeps one keep-alive requests.Session. A file is marked sent
+only once Orthanc returned Success or AlreadyStored and the instance carries
+its SourceMachine metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import threading
+import time
+
+import requests
+
+from dicomfleet.agent import dicomfile, quarantine, rest
+from dicomfleet.agent.backoff import backoff_delay
+from dicomfleet.agent.breaker import AUTH_REJECTED, MachineBreaker
+from dicomfleet.agent.config import AgentConfig, MachineConfig
+from dicomfleet.agent.password import PasswordError, read_password
+from dicomfleet.agent.repeats import RepeatedProblems
+from dicomfleet.agent.spool import Spool, SpoolRecord
+
+log = logging.getLogger(__name__)
+
+# Maximum time an idle worker waits before it looks at the spool again.
+IDLE_WAIT_S = 1.0
+SPOOL_RETRY_S = 5.0
+# A rejected file that may still be written (it looks truncated) is quarantined only after it
+# stayed unchanged this long, or quiet_time_s when that is longer, so a paused writer keeps its file.
+GROWING_QUIET_S = 30.0
+
+
+@dataclasses.dataclass
+class MachineActivity:
+    """The latest send results of one machine, for the status file."""
+
+    last_success_at: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+def file_sha256(path: str, block: int = 1024 * 1024) -> str:
+    """Return the SHA-256 of the file PATH, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(block)
+            if not data:
+                return digest.hexdigest()
+            digest.update(data)
+
+
+class Sender:
+    """A pool of CONFIG.workers threads that send the spool's files to Orthanc."""
+
+    def __init__(self, config: AgentConfig, spool: Spool, passwords: dict[str, str],
+                 stop: threading.Event):
+        self.config = config
+        self.spool = spool
+        self.passwords = dict(passwords)
+        self.stop = stop
+        self.machines = {machine.id: machine for machine in config.machines}
+        self.breakers = {
+            machine.id: MachineBreaker(machine.id, machine.orthanc_url, machine.username, machine.credential)
+            for machine in config.machines
+        }
+        self.activity = {machine.id: MachineActivity() for machine in config.machines}
+        self._claim_lock = threading.Lock()
+        self._wakeup = threading.Condition()
+        self._local = threading.local()
+        self._threads: list[threading.Thread] = []
+        self.problems = RepeatedProblems(log)
+
+    def start(self) -> None:
+        """Start the worker threads."""
+        for number in range(1, self.config.workers + 1):
+            thread = threading.Thread(target=self._run, name=f"sender-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("Started %d upload workers.", len(self._threads))
+
+    def notify(self) -> None:
+        """Wake idle workers because files were queued."""
+        with self._wakeup:
+            self._wakeup.notify_all()
+
+    def join(self) -> None:
+        """Wait for every worker to finish its file in flight after STOP was set."""
+        self.notify()
+        for thread in self._threads:
+            thread.join()
+        log.info("Upload workers stopped.")
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            self._local.session = session
+        return session
+
+    def _claim(self) -> SpoolRecord | None:
+        with self._claim_lock:
+            allowed = [machine_id for machine_id, breaker in self.breakers.items() if breaker.may_send()]
+            record = self.spool.claim(allowed)
+            if record is not None:
+                self.breakers[record.machine].begin_send()
+            return record
+
+    def _idle_wait(self) -> None:
+        allowed = [machine_id for machine_id, breaker in self.breakers.items() if breaker.may_send()]
+        next_due = self.spool.next_due(allowed)
+        timeout = IDLE_WAIT_S
+        if next_due is not None:
+            timeout = min(IDLE_WAIT_S, max(0.05, next_due - time.time()))
+        with self._wakeup:
+            self._wakeup.wait(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    record = self._claim()
+                    if record is None:
+                        self._idle_wait()
+                        continue
+                except Exception as error:
+                    # For example a full disk under the spool: wait and try again.
+                    self.problems.report("claim", f"Cannot read the spool {self.spool.path}: {error}; "
+                                                  f"retrying every {SPOOL_RETRY_S:.0f} s.", logging.ERROR)
+                    self.stop.wait(SPOOL_RETRY_S)
+                    continue
+                self.problems.clear("claim", f"The spool {self.spool.path} is readable again.")
+                self._process_safely(record)
+        finally:
+            session = getattr(self._local, "session", None)
+            if session is not None:
+                session.close()
+
+    def _process_safely(self, record: SpoolRecord) -> None:
+        machine = self.machines[record.machine]
+        breaker = self.breakers[record.machine]
+        try:
+            self._process(record, machine, breaker)
+        except Exception as error:
+            # A bug or a spool error must cost one retry of one file, never a worker thread.
+            log.exception("Unexpected error while sending file %s of machine %s (spool record %d).",
+                          record.path, machine.id, record.id)
+            breaker.end_without_response()
+            try:
+                self._retry_file(record, machine, f"unexpected error: {error}")
+            except Exception:
+                log.exception("Cannot record the failure of spool record %d; it is retried after a restart.",
+                              record.id)
+
+    def _note_error(self, machine: MachineConfig, message: str) -> None:
+        activity = self.activity[machine.id]
+        activity.last_error = message
+        activity.last_error_at = time.time()
+
+    def _retry_file(self, record: SpoolRecord, machine: MachineConfig, error: str) -> None:
+        """Mark the record failed and schedule it with the file's own backoff."""
+        delay = backoff_delay(record.attempts)
+        self.spool.mark_failed(record.id, error, time.time() + delay)
+        self._note_error(machine, error)
+
+    def _unchanged_for(self, record: SpoolRecord, machine: MachineConfig) -> float:
+        """Return the seconds the file has kept the size and mtime of its record.
+
+        NOTE: a writer that keeps a file open and pauses longer than the quiet time makes
+        the file look finished; the agent cannot see open file handles of other users.
+        """
+        now = time.time()
+        unchanged_for = now - record.created_at
+        if not machine.polling:
+            # A local file's mtime comes from this host's clock; a share's may not.
+            unchanged_for = max(unchanged_for, now - record.mtime_ns / 1e9)
+        return unchanged_for
+
+    def _wait_for_writer(self, record: SpoolRecord, machine: MachineConfig, reason: str, quiet: float) -> None:
+        """Requeue a file that may still be written, to be checked again once unchanged for QUIET seconds."""
+        delay = max(0.2, quiet - self._unchanged_for(record, machine))
+        self.spool.requeue(record.id, time.time() + delay, error=f"waiting: {reason}")
+        log.debug("File %s of machine %s may still be written (%s); checking again in %.1f s.",
+                  record.path, machine.id, reason, delay)
+
+    def _process(self, record: SpoolRecord, machine: MachineConfig, breaker: MachineBreaker) -> None:
+        path = record.path
+
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            breaker.end_without_response()
+            self.spool.forget(record.id)
+            log.warning("File %s of machine %s was deleted before it was sent; forgetting it.", path, machine.id)
+            return
+        except OSError as error:
+            breaker.end_without_response()
+            self._report_unreadable(record, machine, error)
+            return
+
+        if (stat.st_size, stat.st_mtime_ns) != (record.size, record.mtime_ns):
+            breaker.end_without_response()
+            new_id = self.spool.replace_identity(record.id, stat.st_size, stat.st_mtime_ns,
+                                                 not_before=time.time() + self.config.quiet_time_s)
+            log.debug("File %s of machine %s changed since it was queued (size %d -> %d); requeued as record %s.",
+                      path, machine.id, record.size, stat.st_size, new_id)
+            return
+
+        try:
+            verdict = dicomfile.check(path)
+        except FileNotFoundError:
+            breaker.end_without_response()
+            self.spool.forget(record.id)
+            log.warning("File %s of machine %s was deleted before it was sent; forgetting it.", path, machine.id)
+            return
+        except OSError as error:
+            breaker.end_without_response()
+            self._report_unreadable(record, machine, error)
+            return
+
+        quiet = self.config.quiet_time_s
+        if not verdict.valid and verdict.may_grow:
+            quiet = max(quiet, GROWING_QUIET_S)
+        if (not verdict.valid or verdict.may_grow) and self._unchanged_for(record, machine) < quiet:
+            breaker.end_without_response()
+            self._wait_for_writer(record, machine, verdict.reason, quiet)
+            return
+        if not verdict.valid:
+            breaker.end_without_response()
+            self._quarantine(record, machine, f"not a valid DICOM file: {verdict.reason}")
+            return
+
+        try:
+            sha256 = file_sha256(path)
+        except OSError as error:
+            breaker.end_without_response()
+            self._report_unreadable(record, machine, error)
+            return
+        self.spool.set_sha256(record.id, sha256)
+
+        self._send(record, machine, breaker, verdict, sha256)
+
+    def _report_unreadable(self, record: SpoolRecord, machine: MachineConfig, error: OSError) -> None:
+        message = f"cannot read the file: {error.strerror or error}"
+        if record.attempts <= 1:
+            log.warning("Cannot read file %s of machine %s: %s; it stays queued and is retried with backoff.",
+                        record.path, machine.id, error)
+        else:
+            log.debug("File %s of machine %s is still unreadable (attempt %d): %s.",
+                      record.path, machine.id, record.attempts, error)
+        self._retry_file(record, machine, message)
+
+    def _target(self, machine: MachineConfig, reload: bool = False) -> rest.OrthancTarget:
+        if reload:
+            try:
+                self.passwords[machine.id] = read_password(machine)
+            except PasswordError as error:
+                log.error("%s", error)
+        return rest.OrthancTarget(url=machine.orthanc_url, auth=(machine.username, self.passwords[machine.id]),
+                                  verify=machine.ca_file or True)
+
+    def _send(self, record: SpoolRecord, machine: MachineConfig, breaker: MachineBreaker,
+              verdict: dicomfile.Verdict, sha256: str) -> None:
+        session = self._session()
+        # After a rejection, read the password again in case it was fixed meanwhile.
+        target = self._target(machine, reload=breaker.state == AUTH_REJECTED)
+        log.debug("Sending file %s of machine %s (spool record %d, attempt %d).",
+                  record.path, machine.id, record.id, record.attempts)
+
+        try:
+            result = rest.store_instance(session, target, record.path, record.size)
+            self._check_unchanged(record, machine, result, sha256, session, target)
+            self._tag_source_machine(session, machine, target, result)
+        except rest.AuthError as error:
+            breaker.auth_rejected(error.status)
+            self.spool.requeue(record.id, time.time(), error=breaker.last_error)
+            self._note_error(machine, breaker.last_error)
+            return
+        except rest.TransientError as error:
+            breaker.unreachable(str(error))
+            self._retry_file(record, machine, str(error))
+            return
+        except rest.FileRejected as error:
+            breaker.succeeded()
+            self._quarantine(record, machine, str(error))
+            return
+        except rest.FileChangedError as error:
+            breaker.end_without_response()
+            log.warning("File %s of machine %s changed while it was sent (%s); it is queued again.",
+                        record.path, machine.id, error)
+            self._requeue_changed(record)
+            return
+        except _ChangedDuringSend:
+            breaker.succeeded()
+            self._requeue_changed(record)
+            return
+        except OSError as error:
+            breaker.end_without_response()
+            self._report_unreadable(record, machine, error)
+            return
+
+        # TODO: only the keep policy exists: the sent file stays in its watch folder. Archive
+        # (move to a folder) and delete policies are still to be added here.
+        self.spool.mark_sent(record.id, result.instance_id)
+        self.activity[machine.id].last_success_at = time.time()
+        log.info("Stored file %s of machine %s as Orthanc instance %s (%s); SOP Instance UID %s, study %s.",
+                 record.path, machine.id, result.instance_id, result.status, verdict.sop_instance_uid,
+                 verdict.study_instance_uid)
+
+        if breaker.succeeded():
+            released = self.spool.release(machine.id)
+            if released:
+                log.info("Released %d queued files of machine %s for sending now.", released, machine.id)
+                self.notify()
+
+    def _check_unchanged(self, record: SpoolRecord, machine: MachineConfig, result: rest.StoreResult,
+                         sha256: str, session: requests.Session, target: rest.OrthancTarget) -> None:
+        """Raise _ChangedDuringSend when the bytes sent differ from the file hashed before the send."""
+        if result.sha256 == sha256:
+            return
+
+        log.warning("File %s of machine %s changed while it was sent (SHA-256 %s before, %s sent).",
+                    record.path, machine.id, sha256, result.sha256)
+        if result.status == rest.STATUS_SUCCESS:
+            # The instance was created from a mix of old and new bytes. Delete it, or the finished
+            # file would get AlreadyStored and the mixed copy would stay.
+            rest.delete_instance(session, target, result.instance_id)
+            log.warning("Deleted Orthanc instance %s, stored from the changing file %s of machine %s.",
+                        result.instance_id, record.path, machine.id)
+        raise _ChangedDuringSend()
+
+    def _tag_source_machine(self, session: requests.Session, machine: MachineConfig, target: rest.OrthancTarget,
+                            result: rest.StoreResult) -> None:
+        if result.status == rest.STATUS_ALREADY_STORED:
+            current = rest.source_machine_of(session, target, result.instance_id)
+            if current == machine.id:
+                return
+            if current:
+                log.warning("Orthanc instance %s was already stored with SourceMachine %r; machine %s sent it "
+                            "again and the metadata is kept.", result.instance_id, current, machine.id)
+                return
+        rest.set_source_machine(session, target, result.instance_id, machine.id)
+
+    def _requeue_changed(self, record: SpoolRecord) -> None:
+        try:
+            stat = os.stat(record.path)
+        except OSError:
+            self.spool.forget(record.id)
+            return
+        self.spool.replace_identity(record.id, stat.st_size, stat.st_mtime_ns,
+                                    not_before=time.time() + self.config.quiet_time_s)
+
+    def _quarantine(self, record: SpoolRecord, machine: MachineConfig, reason: str) -> None:
+        watch_folder = machine.watch_folder_of(record.path)
+        try:
+            destination = quarantine.quarantine_file(self.config.quarantine, machine.id, watch_folder,
+                                                     record.path, reason)
+        except FileNotFoundError:
+            self.spool.forget(record.id)
+            log.warning("File %s of machine %s was deleted before it could be quarantined (%s); forgetting it.",
+                        record.path, machine.id, reason)
+            return
+        except OSError as error:
+            if record.attempts <= 1:
+                log.error("Cannot move file %s of machine %s to the quarantine folder %s: %s. It stays in place "
+                          "and is retried with backoff; reason for quarantine: %s.",
+                          record.path, machine.id, self.config.quarantine, error, reason)
+            else:
+                log.debug("Moving file %s of machine %s to the quarantine folder failed again (attempt %d): %s.",
+                          record.path, machine.id, record.attempts, error)
+            self._retry_file(record, machine, f"cannot quarantine: {error}")
+            return
+
+        self.spool.mark_quarantined(record.id, reason)
+        self._note_error(machine, f"quarantined {record.path}: {reason}")
+        log.warning("Quarantined file %s of machine %s as %s: %s.", record.path, machine.id, destination, reason)
+
+
+class _ChangedDuringSend(Exception):
+    """The file's content differed from its hash by the end of the send."""
