@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # benchmarks, systemd-nspawn and debootstrap for the lab hosts, ssh for deploys,
 # chromium for the dashboard's browser tests and prometheus for promtool, which
 # checks the rendered alert rules.
-APT_PACKAGES := orthanc dcmtk systemd-container debootstrap openssh-client sqlite3 curl chromium prometheus
+APT_PACKAGES := orthanc dcmtk systemd-container debootstrap openssh-client sqlite3 curl chromium prometheus openssl
 
 .PHONY: help deps venv lab-up lab-down deploy demo test bench clean
 

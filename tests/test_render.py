@@ -68,8 +68,9 @@ def test_orthanc_json_has_no_password(example_site, example_secrets):
 def test_orthanc_users_one_per_agent_machine(example_site, example_secrets):
     plan = render.plan_host(example_site, "pacs1", example_secrets)
     users = json.loads(_file(plan, "/etc/orthanc/credentials.json").content)["RegisteredUsers"]
-    assert sorted(users) == ["ct-room1", "dicomfleet-admin", "dicomfleet-sync", "mri1", "xr-room2"]
-    assert len(set(users.values())) == 5
+    assert sorted(users) == ["ct-room1", "dicomfleet-admin", "dicomfleet-dashboard", "dicomfleet-sync",
+                             "mri1", "xr-room2"]
+    assert len(set(users.values())) == 6
 
 
 def test_orthanc_credentials_file_private(example_site, example_secrets):
