@@ -94,14 +94,15 @@ class AgentProcess:
 
 
 class AgentBench:
-    """The agent's machine of the benchmark site: its watch folder, state and configuration."""
+    """One agent machine of the benchmark site: its watch folder, state and configuration."""
 
-    def __init__(self, archive: BenchArchive, folder: Path):
+    def __init__(self, archive: BenchArchive, folder: Path, machine_id: str = AGENT_MACHINE):
         self.archive = archive
         self.folder = folder
-        machine = archive.site.machines[AGENT_MACHINE]
+        machine = archive.site.machines[machine_id]
         self.watch = Path(machine.watch_folders[0])
         self.state = folder / "agent-state"
+        self.transport = machine.transport
         self.config = localservers.write_agent_config(archive.site, machine.host, folder, archive.orthanc.secrets)
         self.log_path = folder / "agent.log"
 
@@ -162,7 +163,7 @@ def measure_backlog(bench: AgentBench, files: list[Path]) -> tuple[TimedRun, flo
     if stored < len(files):
         note = f"{stored} of {len(files)} stored; agent exit status {status}; log: {agent.log_tail(500)}"
         log.error("The agent did not store its backlog: %s", note)
-    run = TimedRun("dicomfleet agent, backlog", len(files), finished - started, stored,
+    run = TimedRun(f"dicomfleet agent, backlog, {bench.transport}", len(files), finished - started, stored,
                    " ".join(agent_command(bench.config)), note)
     time_to_first = None if first_seen is None else first_seen - started
     return run, time_to_first
@@ -227,7 +228,7 @@ def measure_latency(bench: AgentBench, count: int, rate_per_s: float, poll_inter
     """Write COUNT CT slices one by one at RATE_PER_S into the running agent's folder; time each one.
 
     A file's clock starts when its writer closes it, as a scanner's export does,
-    and stops when the poller first sees its NewInstance change.
+    and stops when the poller first reads its NewInstance change.
     """
     bench.clear()
     writer = dataset.SeriesWriter("CT", patient_prefix="LATENCY")
@@ -268,7 +269,7 @@ def measure_latency(bench: AgentBench, count: int, rate_per_s: float, poll_inter
 
 @dataclasses.dataclass
 class MemoryResult:
-    """The agent's peak RSS before and after sending one large file."""
+    """Peak RSS of the agent before and after it sent one large file."""
 
     file_bytes: int
     idle_peak_kib: int | None
@@ -282,7 +283,7 @@ def measure_large_file_memory(bench: AgentBench, staging: Path, target_bytes: in
     """Move one TARGET_BYTES DICOM file into the running agent's folder; return its peak RSS.
 
     The file is written into STAGING (same file system) first and renamed into
-    the watch folder, so the agent sees it complete; it is deleted afterwards.
+    the watch folder, so the agent finds it complete. It is deleted afterwards.
     """
     bench.clear()
     staging.mkdir(parents=True, exist_ok=True)

@@ -20,15 +20,17 @@ log = logging.getLogger(__name__)
 
 # The raw REST clients (curl, requests) log in as this machine's Orthanc user.
 REST_CLIENT = "bench-rest"
-# The machine whose export folder the agent watches.
+# The machine whose export folder the agent watches, sending over REST.
 AGENT_MACHINE = "bench-agent"
+# The same, sending over C-STORE from its AE title at 127.0.0.1.
+CSTORE_MACHINE = "bench-cstore"
 # DCMTK and pynetdicom send C-STORE with this AE title from 127.0.0.1.
 DICOM_CLIENT = "bench-dicom"
 DICOM_CLIENT_AET = "BENCHSCU"
 
 
 def bench_machines(agent_folder: Path) -> list[dict]:
-    """Return the inventory machines of the benchmark site; AGENT_FOLDER is the agent's export folder."""
+    """Return the inventory machines of the benchmark site; AGENT_FOLDER is the REST agent's export folder."""
     common = {"ansible_host": "127.0.0.1", "dicomfleet_modality": "CT"}
     return [
         {"name": REST_CLIENT, **common, "dicomfleet_machine_id": REST_CLIENT,
@@ -37,6 +39,10 @@ def bench_machines(agent_folder: Path) -> list[dict]:
         {"name": AGENT_MACHINE, **common, "dicomfleet_machine_id": AGENT_MACHINE,
          "dicomfleet_ae_title": "BENCHAGENT", "dicomfleet_location": "Benchmark agent",
          "dicomfleet_ingest": "agent", "dicomfleet_watch_folders": [str(agent_folder)]},
+        {"name": CSTORE_MACHINE, **common, "dicomfleet_machine_id": CSTORE_MACHINE,
+         "dicomfleet_ae_title": "BENCHCSTORE", "dicomfleet_location": "Benchmark agent over C-STORE",
+         "dicomfleet_ingest": "agent", "dicomfleet_transport": "cstore",
+         "dicomfleet_watch_folders": [str(agent_folder.parent / "cstore-export")]},
         {"name": DICOM_CLIENT, **common, "dicomfleet_machine_id": DICOM_CLIENT,
          "dicomfleet_ae_title": DICOM_CLIENT_AET, "dicomfleet_location": "Benchmark DICOM clients",
          "dicomfleet_ingest": "dicom"},

@@ -22,8 +22,8 @@ _CONTENT_LENGTH = re.compile(rb"^content-length:\s*(\d+)\s*$", re.IGNORECASE | r
 class HTTPRequestCounter:
     """Counts HTTP/1.1 requests in a client's byte stream, keeping each request line.
 
-    Bodies are skipped by their Content-Length; chunked request bodies are not
-    parsed, which is fine for the GET requests of a change-feed poll or a listing.
+    Bodies are skipped by their Content-Length. Chunked request bodies are not
+    parsed, because a change-feed poll and a listing send GET requests only.
     """
 
     def __init__(self):

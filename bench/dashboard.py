@@ -35,7 +35,12 @@ INSERT_BATCH = 5000
 
 @dataclasses.dataclass
 class FleetPageResult:
-    """Latencies of the fleet page, in milliseconds, with the size of the site behind them."""
+    """Latencies of the fleet page, in milliseconds, with the size of the site behind them.
+
+    ``p95_ms`` is the dashboard as deployed, reading study counts that a
+    background thread aggregates every few seconds; ``per_page_p95_ms`` runs
+    that aggregation inside every page request instead.
+    """
 
     machines: int
     studies: int
@@ -44,6 +49,8 @@ class FleetPageResult:
     p50_ms: float
     p95_ms: float
     max_ms: float
+    per_page_p50_ms: float
+    per_page_p95_ms: float
 
 
 def _machines(count: int, folder: Path) -> list[dict]:
@@ -118,6 +125,32 @@ def _login(url: str, user: str, password: str) -> requests.Session:
     return session
 
 
+def _wait_for_log(dashboard: localrun.DashboardProcess, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in dashboard.log_text():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"The dashboard did not log {text!r} within {timeout:.0f} s; see {dashboard.log_path}")
+        time.sleep(0.5)
+
+
+def _time_pages(dashboard: localrun.DashboardProcess, orthanc: localservers.OrthancProcess,
+                count: int) -> list[float]:
+    """Log in, load the fleet page five times to warm up, then return COUNT timed loads in ms."""
+    login = credentials.DEFAULT_DASHBOARD_LOGIN
+    session = _login(dashboard.url, login, orthanc.secrets.dashboard_password(login))
+    for _ in range(5):
+        session.get(dashboard.url + "/fleet", timeout=60).raise_for_status()
+
+    latencies = []
+    for _ in range(count):
+        before = time.perf_counter()
+        answer = session.get(dashboard.url + "/fleet", timeout=60)
+        latencies.append((time.perf_counter() - before) * 1000.0)
+        answer.raise_for_status()
+    session.close()
+    return latencies
+
+
 def measure_fleet_page(machines: int = 200, studies: int = 100_000, days: int = 100, requests_count: int = 100,
                        folder: Path | None = None, seed: int = 1) -> FleetPageResult:
     """Time REQUESTS_COUNT fleet pages of a site with MACHINES machines and STUDIES records over DAYS days.
@@ -146,37 +179,33 @@ def measure_fleet_page(machines: int = 200, studies: int = 100_000, days: int = 
         today = _seed_studies(client["dicomfleet"], sorted(site.machines), studies, days, seed)
         log.info("Inserted %d study records (%d today) in %.0f s.", studies, today, time.monotonic() - started)
 
-        config = localrun.write_dashboard_config(site, folder, orthanc.secrets, mongo.uri)
-        dashboard = localrun.DashboardProcess(config, folder / "dashboard.log", localrun.port_of(config))
+        port = localservers.free_port()
+        config = localrun.write_dashboard_config(site, folder, orthanc.secrets, mongo.uri, port=port)
+        dashboard = localrun.DashboardProcess(config, folder / "dashboard.log", port)
         dashboard.start(timeout=120)
         for machine_id in sorted(site.machines):
-            answer = requests.post(f"{dashboard.url}/api/v1/heartbeats/{machine_id}", timeout=30,
+            answer = requests.post(f"{dashboard.url}/api/v1/heartbeats/{machine_id}", timeout=60,
                                    headers={"Authorization": f"Bearer {orthanc.secrets.heartbeat_token(machine_id)}"},
                                    json={"state": "sending", "agent_version": "bench", "files_queued": 0,
                                          "files_sent_today": 10, "files_failed": 0, "files_quarantined": 0})
             answer.raise_for_status()
+        _wait_for_log(dashboard, "Scanned the last study", 900)
+        deployed = _time_pages(dashboard, orthanc, requests_count)
 
-        deadline = time.monotonic() + 900
-        while "Scanned the last study" not in dashboard.log_text():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"The dashboard did not finish its first scan of the studies; see {dashboard.log_path}")
-            time.sleep(0.5)
-
-        login = credentials.DEFAULT_DASHBOARD_LOGIN
-        session = _login(dashboard.url, login, orthanc.secrets.dashboard_password(login))
-        for _ in range(5):
-            session.get(dashboard.url + "/fleet", timeout=60).raise_for_status()
-
-        latencies = []
-        for _ in range(requests_count):
-            before = time.perf_counter()
-            answer = session.get(dashboard.url + "/fleet", timeout=60)
-            latencies.append((time.perf_counter() - before) * 1000.0)
-            answer.raise_for_status()
+        # The same site with the aggregation run inside each page request.
+        dashboard.stop()
+        config = localrun.write_dashboard_config(site, folder, orthanc.secrets, mongo.uri, port=port,
+                                                 settings={"activity_refresh_s": 0})
+        dashboard = localrun.DashboardProcess(config, folder / "dashboard-per-page.log", port)
+        dashboard.start(timeout=120)
+        _wait_for_log(dashboard, "Scanned the last study", 900)
+        per_page = _time_pages(dashboard, orthanc, requests_count)
         client.close()
+
         return FleetPageResult(machines=machines, studies=studies, studies_today=today, requests=requests_count,
-                               p50_ms=percentile(latencies, 0.5), p95_ms=percentile(latencies, 0.95),
-                               max_ms=max(latencies))
+                               p50_ms=percentile(deployed, 0.5), p95_ms=percentile(deployed, 0.95),
+                               max_ms=max(deployed), per_page_p50_ms=percentile(per_page, 0.5),
+                               per_page_p95_ms=percentile(per_page, 0.95))
     finally:
         if dashboard is not None:
             dashboard.stop()
@@ -206,6 +235,8 @@ def main(args: list[str] | None = None) -> int:
     print(f"Fleet page, {result.machines} machines, {result.studies} studies ({result.studies_today} today), "
           f"{result.requests} requests: p50 {result.p50_ms:.0f} ms, p95 {result.p95_ms:.0f} ms, "
           f"max {result.max_ms:.0f} ms (budget p95 {options.budget_ms:.0f} ms).")
+    print(f"With the study counts aggregated inside each request: p50 {result.per_page_p50_ms:.0f} ms, "
+          f"p95 {result.per_page_p95_ms:.0f} ms.")
     return 0 if result.p95_ms <= options.budget_ms else 1
 
 

@@ -45,7 +45,7 @@ def enlarge_pixels(pixels: bytes, rows: int, columns: int, row_factor: int, colu
     """
     expected = rows * columns * bytes_per_pixel
     if len(pixels) < expected:
-        raise ValueError(f"The pixel data holds {len(pixels)} bytes, fewer than the {expected} bytes "
+        raise ValueError(f"The pixel data contains {len(pixels)} bytes, fewer than the {expected} bytes "
                          f"of a {rows} x {columns} image with {bytes_per_pixel} bytes per pixel.")
 
     row_length = columns * bytes_per_pixel
@@ -175,8 +175,8 @@ def write_ct_slices(folder: Path, count: int, slices_per_series: int = 100) -> l
 def write_large_instance(path: Path, target_bytes: int) -> WrittenFile:
     """Write a multi-frame CT of about TARGET_BYTES to PATH, streaming its pixel data to disk.
 
-    The frames repeat the 512 x 512 CT slice; the Pixel Data element is written by
-    hand after the rest of the dataset, so memory use stays at one frame.
+    The frames repeat the 512 x 512 CT slice. The Pixel Data element is written by
+    hand after the rest of the dataset, so memory use stays near one frame.
     """
     template = load_template("CT")
     frame = bytes(template.PixelData)

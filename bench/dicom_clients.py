@@ -33,7 +33,7 @@ STATUS_SUCCESS = 0x0000
 
 @dataclasses.dataclass
 class StoreOutcome:
-    """What a DCMTK client reported: association accepted or not, and stores that succeeded."""
+    """A DCMTK client's report: whether the association was accepted, and the stores that succeeded."""
 
     association_accepted: bool
     successes: int

@@ -1,7 +1,7 @@
 """The raw REST clients dicomfleet's agent is measured against, each storing the same files.
 
-Today's watcher runs ``curl`` once per file; the others are the usual ways to do
-better by hand: ``xargs -P4 curl``, one keep-alive session, and four keep-alive workers.
+Today's watcher runs ``curl`` once per file. The others are the usual hand-made improvements:
+``xargs -P4 curl``, one keep-alive session, and four keep-alive workers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # Orthanc 1.10 formats its JSON with spaces around the colon; accept either form.
 _SUCCESS = re.compile(r'"Status"\s*:\s*"Success"')
 
-# Seconds /statistics may lag behind the client's last answer.
+# Seconds /statistics may lag behind the client's last response.
 SETTLE_TIMEOUT_S = 10.0
 
 

@@ -60,6 +60,8 @@ _SPECS = [
     # The agent alone.
     FigureSpec("agent_backlog_seconds_to_first", "s", SECTION_AGENT,
                "from the agent's process start to the first file of the backlog in Orthanc"),
+    FigureSpec("agent_backlog_after_first_files_per_s", "files/s", SECTION_AGENT,
+               "the backlog rate after the first file was stored, so without the agent's start-up"),
     FigureSpec("agent_latency_p50_s", "s", SECTION_AGENT,
                "median delay from a file's close to its instance in Orthanc's change feed"),
     FigureSpec("agent_latency_p99_s", "s", SECTION_AGENT, "99th percentile of the same delay"),
@@ -104,7 +106,12 @@ _SPECS = [
     FigureSpec("fleet_seconds_to_recorded", "s", SECTION_FLEET, "from the first study landing until MongoDB counts every file"),
     FigureSpec("fleet_agents_start_s", "s", SECTION_FLEET, "from starting the first agent until every agent wrote its status file"),
     # The dashboard.
-    FigureSpec("dashboard_fleet_page_p95_ms", "ms", SECTION_DASHBOARD, "95th percentile time to serve the fleet page"),
+    FigureSpec("fleet_page_machines", "machines", SECTION_DASHBOARD, "machines in the dashboard's inventory"),
+    FigureSpec("fleet_page_studies", "studies", SECTION_DASHBOARD, "study records in MongoDB behind the fleet page"),
+    FigureSpec("fleet_page_p50_ms", "ms", SECTION_DASHBOARD, "median time to serve the fleet page, logged in"),
+    FigureSpec("fleet_page_p95_ms", "ms", SECTION_DASHBOARD, "95th percentile of the same time"),
+    FigureSpec("dashboard_fleet_page_p95_ms", "ms", SECTION_DASHBOARD,
+               "fleet_page_p95_ms with 200 machines and 100,000 studies (set only in a run of that size)"),
     # Deploys.
     FigureSpec("deploy_lab_boot_s", "s", SECTION_DEPLOY, "booting the fresh lab hosts (not part of the deploy figures)"),
     FigureSpec("deploy_lab_cold_s", "s", SECTION_DEPLOY, "dicomfleet deploy on fresh lab hosts"),
@@ -133,6 +140,8 @@ REST_BASELINE_KEYS = ("curl_loop_files_per_s", "xargs_curl_files_per_s", "keepal
 
 TWO_GB = 2_000_000_000
 TEN_THOUSAND = 10_000
+FLEET_PAGE_MACHINES = 200
+FLEET_PAGE_STUDIES = 100_000
 
 
 @dataclasses.dataclass
@@ -174,7 +183,7 @@ class Results:
         return None if figure is None else figure.value
 
     def derive(self) -> None:
-        """Compute the best REST client, the ratios and the 2 GB and 10,000-study figures from the measured ones."""
+        """Compute the best REST client, the ratios and the full-size figures (2 GB, 10,000 and 100,000 studies)."""
         rest = {key: self.value(key) for key in REST_BASELINE_KEYS if self.value(key) is not None}
         if rest:
             best = max(rest, key=rest.get)
@@ -197,6 +206,11 @@ class Results:
                                ("poll_idle_cycle_bytes_10k_studies", "poll_idle_cycle_bytes")):
             self._copy_if(target, source, studies is not None and studies >= TEN_THOUSAND,
                           "this run held fewer than 10,000 studies (quick mode)")
+        page_machines = self.value("fleet_page_machines") or 0
+        page_studies = self.value("fleet_page_studies") or 0
+        self._copy_if("dashboard_fleet_page_p95_ms", "fleet_page_p95_ms",
+                      page_machines >= FLEET_PAGE_MACHINES and page_studies >= FLEET_PAGE_STUDIES,
+                      "the fleet page was measured with fewer than 200 machines or 100,000 studies (quick mode)")
 
     def _ratio(self, key: str, numerator: str, denominator: str) -> None:
         value = ratio(self.value(numerator), self.value(denominator))
@@ -209,7 +223,7 @@ class Results:
     def _copy_if(self, target: str, source: str, condition: bool, reason: str) -> None:
         figure = self.figures.get(source)
         if figure is None or figure.value is None:
-            self.set(target, None, note=f"{source} not measured")
+            self.set(target, None, note=self.not_measured.get(source) or f"{source} not measured")
         elif not condition:
             self.set(target, None, note=reason)
         else:

@@ -96,12 +96,36 @@ def test_config_names_file_key_and_value(old, new, expected):
     assert expected in problems[0]
 
 
-def test_config_rejects_cstore_naming_machine():
-    problems = _problems(VALID.replace('transport = "rest"', 'transport = "cstore"'))
+def test_config_accepts_cstore_transport():
+    config = parse_config(VALID.replace('transport = "rest"', 'transport = "cstore"'), Path("agent.toml"))
+
+    assert config.machines[0].transport == "cstore"
+    assert config.machines[0].dicom_host == "127.0.0.1"
+
+
+def test_config_archive_needs_folder():
+    problems = _problems(VALID.replace('transport = "rest"', 'transport = "rest"\nafter_send = "archive"'))
 
     assert len(problems) == 1
-    assert "transport = 'cstore' is not supported" in problems[0]
+    assert "after_send = 'archive' needs archive_folder" in problems[0]
     assert "machine 'ct1'" in problems[0]
+
+
+def test_config_rejects_archive_inside_watch_folder():
+    text = VALID.replace('transport = "rest"',
+                         'transport = "rest"\nafter_send = "archive"\narchive_folder = "/srv/dicom/export/done"')
+
+    problems = _problems(text)
+
+    assert len(problems) == 1
+    assert "overlaps the watch folder" in problems[0]
+
+
+def test_config_rejects_unknown_after_send():
+    problems = _problems(VALID.replace('transport = "rest"', 'transport = "rest"\nafter_send = "move"'))
+
+    assert len(problems) == 1
+    assert "after_send = 'move' must be 'keep', 'archive', 'delete'" in problems[0]
 
 
 def test_config_rejects_folder_watched_twice():

@@ -173,9 +173,9 @@ def test_agent_retries_unreadable_file(site):
     assert agent.log_text().count("Cannot read file") == 1
 
 
-def test_agent_rejects_cstore_transport(site):
+def test_agent_rejects_archive_without_folder(site):
     config = site.write_config()
-    config.write_text(config.read_text().replace('transport = "rest"', 'transport = "cstore"'))
+    config.write_text(config.read_text().replace('transport = "rest"', 'transport = "rest"\nafter_send = "archive"'))
 
     process = AgentProcess(config, site.log_path)
     status = process.process.wait(timeout=20)
@@ -183,6 +183,6 @@ def test_agent_rejects_cstore_transport(site):
 
     assert status == 2
     log = site.log_path.read_text()
-    assert "transport = 'cstore' is not supported" in log
+    assert "after_send = 'archive' needs archive_folder" in log
     assert "machine 'ct1'" in log
     assert str(config) in log

@@ -200,3 +200,65 @@ def test_spool_rejects_unknown_schema_version(tmp_path):
 
     with pytest.raises(SpoolError, match="schema version 99"):
         Spool(path)
+
+
+VERSION_1_SCHEMA = """
+CREATE TABLE files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    machine TEXT NOT NULL,
+    path BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'sending', 'sent', 'failed', 'quarantined')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    instance_id TEXT,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE (path, size, mtime_ns)
+);
+CREATE INDEX files_due ON files (next_attempt) WHERE state IN ('queued', 'failed');
+CREATE INDEX files_by_machine ON files (machine, state, sent_at);
+INSERT INTO files (machine, path, size, mtime_ns, state, next_attempt, instance_id, created_at, updated_at, sent_at)
+    VALUES ('ct1', X'2f6578706f72742f612e64636d', 100, 5, 'sent', 1000, 'instance-1', 1000, 1001, 1001);
+PRAGMA user_version = 1;
+"""
+
+
+def test_spool_migrates_version_1(tmp_path):
+    path = tmp_path / "spool.sqlite3"
+    connection = sqlite3.connect(str(path))
+    connection.executescript(VERSION_1_SCHEMA)
+    connection.close()
+
+    spool = Spool(path)
+    try:
+        (record,) = spool.records()
+        spool.mark_verified(record.id, now=1002.0)
+        migrated = spool.get(record.id)
+    finally:
+        spool.close()
+
+    assert record.path == "/export/a.dcm"
+    assert record.instance_id == "instance-1"
+    assert migrated.state == "verified"
+    connection = sqlite3.connect(str(path))
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+    connection.close()
+
+
+def test_spool_verified_counts_as_sent(spool):
+    record_id = spool.add("ct1", "/export/a.dcm", 100, 5, now=1000.0)
+    spool.mark_sent(record_id, "instance-1", now=1001.0)
+
+    assert [r.id for r in spool.sent_unverified(["ct1"])] == [record_id]
+    spool.mark_verified(record_id, now=1002.0)
+    counts = spool.counts("ct1", day_start=0.0)
+
+    assert spool.sent_unverified(["ct1"]) == []
+    assert counts.sent_today == 1
+    assert counts.last_sent_at == 1001.0
+    assert spool.prune_sent(2000.0, exists=lambda path: False) == 1

@@ -2,7 +2,8 @@
 
 The lab site ``archlab`` uses 127.0.10.120 to 127.0.10.139 and its own ports, so it
 never meets another lab: a standalone Orthanc (``vault``), a two-node cluster
-(``n1``, ``n2``) and the host that runs the cluster's PostgreSQL and balancer (``db``).
+(``n1``, ``n2``), the host that runs the cluster's PostgreSQL and balancer (``db``),
+and a file server (``fs``) whose agent serves the share machines.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ from pydicom.uid import generate_uid
 from dicomfleet import lab
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "inventory" / "example-hospital.yml"
+LAB = ROOT / "inventory" / "lab.yml"
 
 SITE = "archlab"
 VAULT = "127.0.10.120"
 DB = "127.0.10.125"
+FILE_SERVER = "127.0.10.130"
 NODES = {"n1": "127.0.10.126", "n2": "127.0.10.127"}
 # Machines that are never booted: their addresses only appear in Orthanc's and nginx's settings.
 SHARE_MACHINES = {"share1": "127.0.10.131", "share2": "127.0.10.132", "ct1": "127.0.10.133"}
@@ -94,6 +99,7 @@ def inventory_document(with_share2: bool = True) -> dict:
             "dicomfleet_ae_title": name.upper(),
             "dicomfleet_location": f"Archive lab, {name}",
             "dicomfleet_watch_folders": [f"/srv/share/{name}"],
+            "dicomfleet_share_host": "fs",
             **settings,
         }
     # dx1 sends from the control machine, whose connections to lab addresses come from 127.0.0.1.
@@ -136,6 +142,8 @@ def inventory_document(with_share2: bool = True) -> dict:
                     },
                 },
                 "cluster_services": {"hosts": {"db": {"ansible_host": DB}}},
+                "fileservers": {"hosts": {"fs": {"ansible_host": FILE_SERVER,
+                                                 "dicomfleet_agent_quiet_time_s": 1}}},
                 "scanners": {"hosts": scanners},
             },
         }
@@ -225,3 +233,9 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "the 
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def file_of(plan, path: str):
+    """Return the managed file at PATH in the host plan PLAN."""
+    (managed,) = [f for f in plan.files if f.path == path]
+    return managed

@@ -26,7 +26,7 @@ def test_enlarge_pixels_two_byte_pixels():
 
 
 def test_enlarge_pixels_short_data_raises():
-    with pytest.raises(ValueError, match="fewer than the 8 bytes"):
+    with pytest.raises(ValueError, match="contains 6 bytes, fewer than the 8 bytes"):
         dataset.enlarge_pixels(b"\x00" * 6, 2, 2, 1, 1)
 
 

@@ -130,3 +130,21 @@ def test_write_json_round_trip(tmp_path):
     assert document["fleet_files_lost"] == 0
     assert document["figures"]["fleet_files_lost"]["command"] == "fleet"
     assert not (tmp_path / "results" / "latest.json.tmp").exists()
+
+
+def test_derive_fleet_page_full_size():
+    results = Results()
+    results.set("fleet_page_machines", 200)
+    results.set("fleet_page_studies", 100_000)
+    results.set("fleet_page_p95_ms", 120.0)
+    results.derive()
+    assert results.value("dashboard_fleet_page_p95_ms") == 120.0
+
+
+def test_derive_fleet_page_small_site_is_null():
+    results = Results()
+    results.set("fleet_page_machines", 200)
+    results.set("fleet_page_studies", 10_000)
+    results.set("fleet_page_p95_ms", 40.0)
+    results.derive()
+    assert results.value("dashboard_fleet_page_p95_ms") is None

@@ -5,16 +5,12 @@ Screenshots are kept under test-artifacts/ at the top of the checkout.
 
 from __future__ import annotations
 
-import json
-import threading
 from pathlib import Path
 
 import pytest
-
-from dicomfleet.agent import heartbeat as agent_heartbeat
-from test_dashboard_support import MACHINES, DashboardSite, make_instance, wait_until
-
 from pydicom.uid import generate_uid
+
+from test_dashboard_support import MACHINES, DashboardSite, make_instance, wait_until
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -27,36 +23,18 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PLAN = {"ct1": [2, 1], "mr1": [3], "xr1": [1]}
 
 
-def _relay_heartbeats(site: DashboardSite, stop: threading.Event) -> list[agent_heartbeat.HeartbeatSender]:
-    """Send each agent's status file to the dashboard with the agent's heartbeat sender."""
-    tokens = site.folder / "heartbeat-tokens"
-    tokens.mkdir(exist_ok=True)
-    senders = []
-    for machine_id in MACHINES:
-        (tokens / f"heartbeat-{machine_id}").write_text(site.token(machine_id) + "\n")
-        settings = agent_heartbeat.HeartbeatSettings(url=site.url + "/api/v1/heartbeats", interval_s=1,
-                                                     token_folder=tokens)
-        status_file = site.agent_status_file(machine_id)
-        sender = agent_heartbeat.HeartbeatSender(settings, [machine_id],
-                                                 lambda path=status_file: json.loads(path.read_text()), stop)
-        sender.start()
-        senders.append(sender)
-    return senders
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     if not CHROMIUM.exists():
         pytest.fail("Debian's chromium is missing: install the apt package chromium (the Makefile does).")
     site = DashboardSite(tmp_path_factory.mktemp("browser"), heartbeat_interval_s=1).start()
-    stop = threading.Event()
     try:
         site.start_sync()
         for machine_id in MACHINES:
             site.start_agent(machine_id)
         for machine_id in MACHINES:
-            wait_until(site.agent_status_file(machine_id).exists, 30, f"the status file of {machine_id}")
-        senders = _relay_heartbeats(site, stop)
+            wait_until(lambda: site.machine_row(machine_id)["last_heartbeat_at"], 30,
+                       f"the first heartbeat of {machine_id}")
 
         studies = {}
         for machine_id, counts in PLAN.items():
@@ -77,7 +55,6 @@ def fleet(tmp_path_factory):
         wait_until(all_recorded, 90, "every study in MongoDB", interval=0.5)
         yield site
     finally:
-        stop.set()
         site.stop()
 
 

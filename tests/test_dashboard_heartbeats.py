@@ -24,11 +24,16 @@ def _stored(site: DashboardSite, machine_id: str) -> dict | None:
     return site.database["machine_heartbeats"].find_one({"_id": machine_id})
 
 
+def _stored_soon(site: DashboardSite, machine_id: str) -> dict:
+    """Wait for the dashboard's writer, which stores heartbeats about once a second."""
+    return wait_until(lambda: _stored(site, machine_id), 10, f"the heartbeat of {machine_id} in MongoDB")
+
+
 def test_heartbeat_accepted_and_stored(site):
     body = heartbeat_body("ct1", files_queued=7, files_sent_today=42, files_failed=1, files_quarantined=2)
     answer = site.post_heartbeat("ct1", body)
     assert answer.status_code == 200
-    stored = _stored(site, "ct1")
+    stored = _stored_soon(site, "ct1")
     assert stored["files_queued"] == 7
     assert stored["files_sent_today"] == 42
     assert stored["remote_address"] == "127.0.0.1"
@@ -46,6 +51,7 @@ def test_heartbeat_counts_in_fleet_view(site):
 def test_heartbeat_wrong_token_rejected(site):
     site.database["machine_heartbeats"].delete_many({"_id": "xr1"})
     answer = site.post_heartbeat("xr1", token="not-the-token-of-xr1")
+    time.sleep(1.5)
     assert answer.status_code == 401
     assert answer.headers["WWW-Authenticate"].startswith("Bearer")
     assert _stored(site, "xr1") is None

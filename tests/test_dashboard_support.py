@@ -249,8 +249,17 @@ class DashboardSite:
 
     def start_agent(self, machine_id: str) -> subprocess.Popen:
         """Start the agent of MACHINE_ID with its configuration rendered from the project's template."""
-        config = localservers.write_agent_config(self.site, machine_id, self.folder / f"agent-{machine_id}",
-                                                 self.secrets)
+        folder = self.folder / f"agent-{machine_id}"
+        config = localservers.write_agent_config(self.site, machine_id, folder, self.secrets)
+
+        # The deployed agent reads its heartbeat token from a systemd credential; a local run from a folder.
+        tokens = folder / "heartbeat-tokens"
+        tokens.mkdir(exist_ok=True)
+        (tokens / f"heartbeat-{machine_id}").write_text(self.token(machine_id) + "\n")
+        text = config.read_text()
+        assert "\n[heartbeat]\n" in text
+        config.write_text(text.replace("\n[heartbeat]\n", f"\n[heartbeat]\ntoken_folder = {json.dumps(str(tokens))}\n"))
+
         log = open(self.folder / f"agent-{machine_id}.log", "ab")
         process = subprocess.Popen([sys.executable, "-m", "dicomfleet", "agent", "--config", str(config)],
                                    stdout=log, stderr=subprocess.STDOUT,

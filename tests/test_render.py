@@ -103,9 +103,11 @@ def test_agent_config_machine(example_site, example_secrets):
         "polling": False,
         "orthanc_url": "http://192.0.2.10:8042",
         "orthanc_aet": "HOSP_ARCHIVE",
+        "orthanc_dicom_host": "192.0.2.10",
         "orthanc_dicom_port": 4242,
         "username": "mri1",
         "credential": "orthanc-mri1",
+        "after_send": "keep",
     }
 
 

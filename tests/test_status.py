@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dicomfleet.localservers import free_port
-from test_dashboard_support import DashboardSite, heartbeat_body
+from test_dashboard_support import DashboardSite, heartbeat_body, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,8 @@ def test_status_shows_today_counts(site):
     _all_reporting(site)
     _record_study(site, "mr1", 24)
     _record_study(site, "mr1", 6)
+    # The dashboard reads the study counts every few seconds.
+    wait_until(lambda: site.machine_row("mr1")["studies_today"] == 2, 20, "mr1's two studies on the dashboard")
     result = site.run_command("status", str(site.inventory))
     (mr1,) = [line for line in result.stdout.splitlines() if line.startswith("mr1 ")]
     cells = mr1.split()

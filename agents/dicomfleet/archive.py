@@ -131,6 +131,9 @@ def plan_firewall(plan: render.HostPlan, site: Site, host: str) -> None:
     plan.files.append(render.ManagedFile(f"/etc/systemd/system/{firewall.UNIT}",
                                          render.render_template("dicomfleet-firewall.service.j2", context),
                                          "0644", "root", "root", "dicomfleet-firewall.service.j2", restarts))
+    plan.files.append(render.ManagedFile(firewall.DEBIAN_UNIT_DROP_IN,
+                                         render.render_template("nftables-hardening.conf.j2", context),
+                                         "0644", "root", "root", "nftables-hardening.conf.j2"))
     if applied:
         plan.services.append(firewall.UNIT)
 

@@ -221,6 +221,8 @@ def backup_sqlite_index(config: BackupConfig, name: str) -> Path:
 
     source = sqlite3.connect(str(source_path), timeout=5)
     try:
+        # Connection.backup waits forever on a locked source, so a read finds the lock first.
+        source.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         destination = sqlite3.connect(str(partial))
         try:
             source.backup(destination)

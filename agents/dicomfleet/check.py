@@ -1,11 +1,12 @@
 """Check one machine's setup end to end: ``dicomfleet check INVENTORY MACHINE``.
 
 It checks that the machine's host reaches Orthanc with the machine's own
-credentials, drops a synthetic test image (patient DICOMFLEET^TEST, a fresh
-Study Instance UID) into the machine's watch folder over SSH, and waits until
-Orthanc stores it with the machine's identity and MongoDB records it with the
-machine as source. Then it removes it from the watch folder, Orthanc and MongoDB.
-Each step prints PASS, FAIL or SKIP; the exit status is 0 when no step failed.
+credentials. It drops a synthetic test image (patient DICOMFLEET^TEST, a fresh
+Study Instance UID) into the machine's watch folder over SSH. It waits until
+Orthanc stores the image with the machine's identity and MongoDB records its
+study with the machine as source. Then it removes the image from the watch
+folder, Orthanc and MongoDB. Each step prints PASS, FAIL or SKIP, and the exit
+status is 0 when no step failed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import requests
 from pydicom.uid import generate_uid
 
 from dicomfleet import credentials, demo
-from dicomfleet.inventory import INGEST_DICOM, InventoryError, Machine, Site, load_site
+from dicomfleet.inventory import INGEST_DICOM, INGEST_SHARE, InventoryError, Machine, Site, load_site
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,11 @@ class Checker:
             return StepResult(name, FAIL, f"Orthanc's C-ECHO to {self.machine.ae_title} at {self.machine.address} "
                                           f"failed (HTTP {answer.status_code}); is the machine on and registered?")
 
+        if self.machine.ingest == INGEST_SHARE:
+            # NOTE: share machines write to a file server whose agent the inventory does not name yet.
+            return StepResult(name, SKIP, "the machine writes to a network share; the file server's agent "
+                                          "sends its files")
+
         arguments = " ".join(shlex.quote(value) for value in
                              (self.server.url, self.machine.orthanc_username, self.password_file))
         try:
@@ -191,6 +197,9 @@ class Checker:
         if self.machine.ingest == INGEST_DICOM:
             return StepResult(name, SKIP, "the machine sends C-STORE itself; send a test image from its console "
                                           f"with patient name {TEST_PATIENT_NAME} to check its path")
+        if self.machine.ingest == INGEST_SHARE:
+            return StepResult(name, SKIP, "the machine writes to a network share; copy a test image with patient "
+                                          f"name {TEST_PATIENT_NAME} into its share folder from the machine")
 
         folder = self.machine.watch_folders[0]
         final = f"{folder.rstrip('/')}/{self.image.file_name}"

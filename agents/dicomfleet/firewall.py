@@ -27,6 +27,8 @@ from dicomfleet.inventory import (
 
 RULES_PATH = "/etc/dicomfleet/firewall.nft"
 UNIT = "dicomfleet-firewall.service"
+# The nftables package's own unit, which dicomfleet leaves disabled but sandboxes.
+DEBIAN_UNIT_DROP_IN = "/etc/systemd/system/nftables.service.d/dicomfleet-hardening.conf"
 TABLE = "dicomfleet"
 # The dashboard's port when the inventory sets none (dicomfleet.dashboard.rollout.DEFAULT_PORT).
 DASHBOARD_PORT = 8050
@@ -99,6 +101,18 @@ def sends_rest(machine: Machine) -> bool:
     return machine.ingest in (INGEST_AGENT, INGEST_SHARE) and machine.transport != TRANSPORT_CSTORE
 
 
+def agent_address(site: Site, machine: Machine) -> str:
+    """Return the address MACHINE's REST uploads and heartbeats come from: its agent's host.
+
+    A share machine's agent runs on its file server; a machine without an agent
+    sends from its own address.
+    """
+    host = machine.agent_host
+    if host is None or host == machine.host:
+        return machine.address
+    return str(site.hosts[host].vars.get("ansible_host", host))
+
+
 def _networks(site: Site, host: str, variable: str) -> list[str]:
     return [str(value) for value in site.hosts[host].vars.get(variable) or []]
 
@@ -120,11 +134,11 @@ def _server_rules(site: Site, server: OrthancServer) -> list[Rule]:
     viewers = _networks(site, server.host, "dicomfleet_viewer_networks")
     rules = []
 
-    dicom_senders = _unique(m.address for m in machines if sends_dicom(m))
+    dicom_senders = _unique(agent_address(site, m) for m in machines if sends_dicom(m))
     rules.append(Rule(server.dicom_port, "DICOM to Orthanc", dicom_senders,
                       "C-STORE from the machines registered for DICOM"))
 
-    rest_senders = list(_unique(m.address for m in machines if sends_rest(m)))
+    rest_senders = list(_unique(agent_address(site, m) for m in machines if sends_rest(m)))
     reason = "REST uploads from the agents' hosts, and browsers on the viewer networks"
     cluster = clusters.cluster_of(site, server.host)
     if cluster is not None:
@@ -141,7 +155,7 @@ def _server_rules(site: Site, server: OrthancServer) -> list[Rule]:
 
     dashboard_bind = str(data.get("dicomfleet_dashboard_bind", server.address))
     if not _is_loopback(dashboard_bind):
-        agents = _unique(m.address for m in machines if m.ingest != INGEST_DICOM)
+        agents = _unique(agent_address(site, m) for m in machines if m.agent_host)
         rules.append(Rule(int(data.get("dicomfleet_dashboard_port", DASHBOARD_PORT)), "HTTP to the dashboard",
                           _unique([*agents, *viewers]),
                           "heartbeats from the agents' hosts, and browsers on the viewer networks"))
@@ -165,7 +179,7 @@ def rules_for(site: Site, host: str) -> list[Rule]:
     for cluster in clusters.balancer_hosts(site).get(host, []):
         machines = [m for node in cluster.nodes for m in site.machines_of(site.servers[node])]
         viewers = _networks(site, host, "dicomfleet_viewer_networks")
-        rest_senders = _unique(m.address for m in machines if sends_rest(m))
+        rest_senders = _unique(agent_address(site, m) for m in machines if sends_rest(m))
         rules.append(Rule(cluster.balancer_port, f"HTTPS to nginx balancing cluster {cluster.name}",
                           _unique([*rest_senders, *viewers]),
                           "REST uploads from the cluster's agents, and browsers on the viewer networks"))
@@ -219,11 +233,16 @@ def validate(hosts: dict, report: Callable[[str, str, str], None]) -> None:
             target = next(iter(central))
         if target not in with_firewall:
             continue
-        address = str(entry.vars.get("ansible_host", entry.name))
+
+        # A share machine's files come from its file server, so that host's address is the source.
+        source = entry
+        if entry.vars.get("dicomfleet_ingest") == INGEST_SHARE and entry.vars.get("dicomfleet_share_host") in hosts:
+            source = hosts[entry.vars["dicomfleet_share_host"]]
+        address = str(source.vars.get("ansible_host", source.name))
         try:
             ipaddress.ip_address(address)
         except ValueError:
-            report(entry.name, "ansible_host",
+            report(source.name, "ansible_host",
                    f"{address!r} is a host name, but the firewall of {target} lists sources by IP "
-                   "address; give the machine's IP address or set dicomfleet_firewall: false on "
+                   "address; give the host's IP address or set dicomfleet_firewall: false on "
                    f"{target}")

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 CENTRAL_GROUP = "central"
+# Hosts that serve the network shares of `dicomfleet_ingest: share` machines and run their agent.
+FILESERVER_GROUP = "fileservers"
 
 INGEST_AGENT = "agent"
 INGEST_SHARE = "share"
@@ -102,6 +104,15 @@ class Machine:
     def runs_agent(self) -> bool:
         """True when the agent is deployed on this machine's own host."""
         return self.ingest == INGEST_AGENT
+
+    @property
+    def agent_host(self) -> str | None:
+        """The inventory host whose agent sends this machine's files: its own, its file server's, or None."""
+        if self.ingest == INGEST_AGENT:
+            return self.host
+        if self.ingest == INGEST_SHARE:
+            return str(self.vars.get("dicomfleet_share_host", "")) or None
+        return None
 
     @property
     def orthanc_username(self) -> str:

@@ -47,6 +47,8 @@ def _labels(site: Site) -> dict[str, list[str]]:
 
     for machine in site.machines.values():
         add(machine.address, machine.id)
+        if machine.agent_host and machine.agent_host != machine.host:
+            add(firewall.agent_address(site, machine), machine.agent_host)
     for server in site.servers.values():
         add(server.address, server.host)
     for host in clusters.service_hosts(site):
@@ -93,9 +95,12 @@ def _server_role(site: Site, host: str) -> str:
 
 def _target(site: Site, machine: Machine) -> str:
     server = site.server_of(machine)
+    via = ""
+    if machine.agent_host and machine.agent_host != machine.host:
+        via = f" from file server {machine.agent_host} ({firewall.agent_address(site, machine)})"
     if firewall.sends_dicom(machine):
-        return f"C-STORE to {server.aet} at {server.address}:{server.dicom_port}"
-    return f"REST to {proxy.machine_url(site, machine)}"
+        return f"C-STORE to {server.aet} at {server.address}:{server.dicom_port}{via}"
+    return f"REST to {proxy.machine_url(site, machine)}{via}"
 
 
 def _machine_ports(site: Site, machine: Machine) -> str:
@@ -163,6 +168,7 @@ def network_plan_context(site: Site) -> dict:
         "vlan": site.vars.get("dicomfleet_imaging_vlan") or _site_variable(site, "dicomfleet_imaging_vlan"),
         "subnet": str(subnet) if subnet else None,
         "servers": servers,
+        "all_tls": all(proxy.tls_enabled(site, host) for host in site.servers),
         "machines": machines,
         "firewalls": firewalls,
         "without_firewall": without_firewall,

@@ -158,7 +158,7 @@ def plan_server(plan: render.HostPlan, site: Site, host: str, served: list[clust
     # The file is read by root's shell and given to psql on its standard input.
     plan.commands.append(render.ManagedCommand(
         name="Create or update the Orthanc roles and databases in PostgreSQL.",
-        command=(f"for attempt in $(seq 60); do runuser -u postgres -- pg_isready --quiet --port {port} && break; "
+        command=(f"cd / && for attempt in $(seq 60); do runuser -u postgres -- pg_isready --quiet --port {port} && break; "
                  f"sleep 1; done; runuser -u postgres -- psql --no-psqlrc --quiet --set ON_ERROR_STOP=1 "
                  f"--port {port} --dbname postgres < {SETUP_SQL}"),
         after_changes=(SETUP_SQL, f"{CONFIG_DIR}/pg_hba.conf", f"{CONFIG_DIR}/conf.d/dicomfleet.conf"),

@@ -134,7 +134,7 @@ def orthanc_settings(site: Site, server: OrthancServer) -> dict:
     """
     data = server.vars
     machines = site.machines_of(server)
-    rest_senders = sum(1 for m in machines if m.runs_agent and m.transport != TRANSPORT_CSTORE)
+    rest_senders = sum(1 for m in machines if m.agent_host and m.transport != TRANSPORT_CSTORE)
     dicom_senders = len(machines) - rest_senders
     storage = str(data.get("dicomfleet_orthanc_storage_directory", "/var/lib/orthanc/db-v6"))
 
@@ -200,21 +200,42 @@ def agent_context(site: Site, host: str, machines: list[Machine]) -> dict:
     """Return the template variables of a host that runs the agent for MACHINES."""
     data = site.hosts[host].vars
     folders: list[str] = []
+    archive_folders: list[str] = []
     for machine in machines:
         for folder in machine.watch_folders:
             if folder not in folders:
                 folders.append(folder)
+        archive = machine.vars.get("dicomfleet_archive_folder")
+        if archive and machine.vars.get("dicomfleet_after_send") == "archive" and archive not in archive_folders:
+            archive_folders.append(str(archive))
 
     return {
         "site": site,
         "host": host,
         "machines": machines,
         "watch_folders": folders,
+        # Folders the agent moves sent files to (after_send = "archive").
+        "archive_folders": archive_folders,
         "agent": {
             "rescan_interval_s": int(data.get("dicomfleet_agent_rescan_interval_s", 60)),
             "quiet_time_s": float(data.get("dicomfleet_agent_quiet_time_s", 2.0)),
             "workers": int(data.get("dicomfleet_agent_workers", 4)),
         },
+        "heartbeat": _heartbeat_settings(site, data, machines),
+    }
+
+
+def _heartbeat_settings(site: Site, data: dict, machines: list[Machine]) -> dict | None:
+    """Return where the agent of MACHINES sends heartbeats: the dashboard of their Orthanc server."""
+    from dicomfleet.dashboard import rollout
+
+    if not machines:
+        return None
+    # NOTE: an agent whose machines send to several Orthanc servers reports to the first one's dashboard only.
+    server = site.server_of(machines[0])
+    return {
+        "url": rollout.dashboard_url(server) + rollout.HEARTBEAT_API,
+        "interval_s": float(data.get("dicomfleet_heartbeat_interval_s", 30)),
     }
 
 
@@ -284,6 +305,8 @@ def _plan_agent(plan: HostPlan, site: Site, machines: list[Machine],
     for folder in context["watch_folders"]:
         # The scanner writes here; the agent's group may read and move files.
         plan.directories.append(ManagedDirectory(folder, "2775", "root", AGENT_USER))
+    for folder in context["archive_folders"]:
+        plan.directories.append(ManagedDirectory(folder, "2770", "root", AGENT_USER))
 
     restart = ("dicomfleet-agent.service",)
     plan.files.append(_root_file("/etc/dicomfleet/agent.toml",
@@ -292,6 +315,9 @@ def _plan_agent(plan: HostPlan, site: Site, machines: list[Machine],
     for machine in machines:
         plan.files.append(_root_file(f"{CREDENTIALS_DIR}/orthanc-{machine.id}.password",
                                      secrets.orthanc_password(machine.orthanc_username) + "\n",
+                                     "", restart, mode="0600", secret=True))
+        plan.files.append(_root_file(f"{CREDENTIALS_DIR}/heartbeat-{machine.id}.token",
+                                     secrets.heartbeat_token(machine.id) + "\n",
                                      "", restart, mode="0600", secret=True))
     plan.files.append(_root_file("/etc/systemd/system/dicomfleet-agent.service",
                                  render_template("dicomfleet-agent.service.j2", context),
@@ -318,7 +344,8 @@ def plan_host(site: Site, host: str, secrets: credentials.SiteSecrets) -> HostPl
     if host in site.servers:
         _plan_central(plan, site, site.servers[host], secrets)
 
-    agent_machines = [m for m in site.machines.values() if m.runs_agent and m.host == host]
+    # A file server's agent serves every share machine that names it in dicomfleet_share_host.
+    agent_machines = [m for m in site.machines.values() if m.agent_host == host]
     if agent_machines:
         _plan_agent(plan, site, agent_machines, secrets)
 
@@ -334,8 +361,8 @@ def deployed_hosts(site: Site) -> list[str]:
     """Return the inventory hosts the deploy touches, central hosts first."""
     hosts = list(site.servers)
     for machine in site.machines.values():
-        if machine.runs_agent and machine.host not in hosts:
-            hosts.append(machine.host)
+        if machine.agent_host and machine.agent_host not in hosts:
+            hosts.append(machine.agent_host)
 
     from dicomfleet import cluster
 

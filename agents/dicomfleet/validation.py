@@ -17,6 +17,7 @@ from dicomfleet import archive_checks
 from dicomfleet.dashboard import workinghours
 from dicomfleet.inventory import (
     CENTRAL_GROUP,
+    FILESERVER_GROUP,
     INGEST_AGENT,
     INGEST_DICOM,
     INGEST_SHARE,
@@ -36,6 +37,7 @@ MODALITIES = frozenset(
 INGEST_PATHS = (INGEST_AGENT, INGEST_SHARE, INGEST_DICOM)
 TRANSPORTS = (TRANSPORT_REST, TRANSPORT_CSTORE)
 PATIENT_ID_POLICIES = ("dicom", "placeholder")
+AFTER_SEND_POLICIES = ("keep", "archive", "delete")
 
 _MACHINE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -210,6 +212,9 @@ SCHEMA: dict[str, tuple[Callable[[Any], str | None], str]] = {
     "dicomfleet_transport": (_choice(TRANSPORTS), "how the agent sends: REST or C-STORE"),
     "dicomfleet_watch_folders": (_folders_problem, "the export folders the agent watches"),
     "dicomfleet_orthanc": (_string_problem, "the central host the machine sends to"),
+    "dicomfleet_share_host": (_string_problem, "the file server host whose agent watches a share machine's subfolder"),
+    "dicomfleet_after_send": (_choice(AFTER_SEND_POLICIES), "what the agent does with a file once Orthanc's copy is verified"),
+    "dicomfleet_archive_folder": (_absolute_path_problem, "the folder sent files are moved to under after_send archive"),
     "dicomfleet_orthanc_name": (_string_problem, "the Orthanc server's name"),
     "dicomfleet_orthanc_aet": (ae_title_problem, "Orthanc's own AE title"),
     "dicomfleet_orthanc_http_port": (_port_problem, "Orthanc's HTTP port"),
@@ -387,8 +392,66 @@ def validate(raw: RawInventory) -> list[str]:
                    f"{aet!r} is also the AE title of host {seen_aets[aet.strip().upper()]}; "
                    "Orthanc's AE title must differ from every machine's")
 
+    _validate_agent_hosts(raw, report)
     archive_checks.validate(raw, report)
     return problems
+
+
+def _inside(path: str, folder: str) -> bool:
+    path = path.rstrip("/") or "/"
+    folder = folder.rstrip("/") or "/"
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _validate_agent_hosts(raw: RawInventory, report: Callable[[str, str, str], None]) -> None:
+    """Check share hosts, after-send settings, and that no two machines of one agent watch the same folder."""
+    fileservers = {e.name for e in raw.hosts.values() if FILESERVER_GROUP in e.groups}
+    watched: dict[str, list[tuple[str, str]]] = {}
+    for entry in raw.hosts.values():
+        data = entry.vars
+        if "dicomfleet_machine_id" not in data:
+            continue
+        host = entry.name
+        ingest = data.get("dicomfleet_ingest", INGEST_AGENT)
+
+        agent_host = host if ingest == INGEST_AGENT else None
+        share_host = data.get("dicomfleet_share_host")
+        if ingest == INGEST_SHARE:
+            if share_host is None:
+                report(host, "dicomfleet_share_host",
+                       f"missing; a machine with ingest path 'share' names the file server host (group "
+                       f"'{FILESERVER_GROUP}') whose agent watches its subfolder")
+            elif share_host not in raw.hosts:
+                report(host, "dicomfleet_share_host", f"{_describe(share_host)} is not a host of the inventory")
+            elif share_host not in fileservers:
+                report(host, "dicomfleet_share_host",
+                       f"{_describe(share_host)} is not in the group '{FILESERVER_GROUP}'; put the file server there")
+            else:
+                agent_host = share_host
+        elif share_host is not None:
+            report(host, "dicomfleet_share_host", f"is set, but the ingest path is {ingest!r}, not 'share'")
+
+        after_send = data.get("dicomfleet_after_send", "keep")
+        archive = data.get("dicomfleet_archive_folder")
+        folders = data.get("dicomfleet_watch_folders")
+        folders = [f for f in folders if isinstance(f, str)] if isinstance(folders, list) else []
+        if after_send == "archive" and not archive:
+            report(host, "dicomfleet_archive_folder",
+                   "missing; dicomfleet_after_send 'archive' needs the absolute folder sent files are moved to")
+        if isinstance(archive, str) and any(_inside(archive, f) or _inside(f, archive) for f in folders):
+            report(host, "dicomfleet_archive_folder",
+                   f"{_describe(archive)} overlaps a watch folder; archived files would be sent again, "
+                   "so choose a folder outside dicomfleet_watch_folders")
+
+        if agent_host is None:
+            continue
+        for folder in folders:
+            for other_host, other_folder in watched.get(agent_host, []):
+                if _inside(folder, other_folder) or _inside(other_folder, folder):
+                    report(host, "dicomfleet_watch_folders",
+                           f"{folder!r} overlaps the watch folder {other_folder!r} of host {other_host} on the "
+                           f"same agent host {agent_host}; give each machine its own folder")
+            watched.setdefault(agent_host, []).append((host, folder))
 
 
 def ae_problem_free(value: str) -> bool:

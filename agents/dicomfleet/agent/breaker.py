@@ -158,6 +158,43 @@ class MachineBreaker:
                       self.orthanc_url, self.machine_id, failures)
         return AUTH_RETRY_S
 
+    def calling_ae_rejected(self, detail: str) -> float:
+        """Open the breaker after Orthanc refused the machine's calling AE title; return the seconds until the next try.
+
+        Like a rejected password, this needs a fix in Orthanc's DicomModalities or the
+        inventory, so it is logged loudly once and then only counted.
+        """
+        with self._lock:
+            self.probing = False
+            now = self.clock()
+            self.failures += 1
+            self.last_error = f"Orthanc rejected the calling AE title of machine {self.machine_id}: {detail}"
+            self.retry_at = now + AUTH_RETRY_S
+
+            first = self.state != AUTH_REJECTED
+            if first:
+                self.state = AUTH_REJECTED
+                self.opened_at = now
+                self.reminded_at = now
+            remind = not first and now - self.reminded_at >= REMINDER_S
+            if remind:
+                self.reminded_at = now
+            failures = self.failures
+            since = now - self.opened_at
+
+        if first:
+            log.error("%s. Sending for %s is stopped and its files stay queued. Register the machine's AE title "
+                      "and this host's address in Orthanc's DicomModalities (deploy the central host again after "
+                      "fixing the inventory); meanwhile the agent tries again every %.0f s.",
+                      self.last_error, self.machine_id, AUTH_RETRY_S)
+        elif remind:
+            log.error("Orthanc still rejects the calling AE title of machine %s: %d attempts over %.0f s.",
+                      self.machine_id, failures, since)
+        else:
+            log.debug("Orthanc rejected the calling AE title of machine %s again (attempt %d).",
+                      self.machine_id, failures)
+        return AUTH_RETRY_S
+
     def describe(self) -> str:
         """Return the state for the status file: sending, orthanc_unreachable or credentials_rejected."""
         with self._lock:

@@ -13,10 +13,16 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from dicomfleet.agent.heartbeat import HeartbeatConfigError, HeartbeatSettings, parse_heartbeat_table
 from dicomfleet.validation import MODALITIES, ae_title_problem
 
 TRANSPORT_REST = "rest"
 TRANSPORT_CSTORE = "cstore"
+
+AFTER_SEND_KEEP = "keep"
+AFTER_SEND_ARCHIVE = "archive"
+AFTER_SEND_DELETE = "delete"
+AFTER_SEND_POLICIES = (AFTER_SEND_KEEP, AFTER_SEND_ARCHIVE, AFTER_SEND_DELETE)
 
 _MACHINE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _CREDENTIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
@@ -50,6 +56,16 @@ class MachineConfig:
     password_file: str | None = None
     # CA certificate file (PEM) that signs an https:// orthanc_url; None trusts the system's CAs.
     ca_file: str | None = None
+    # Orthanc's DICOM address for transport = "cstore"; None takes the host of orthanc_url.
+    orthanc_dicom_host: str | None = None
+    # What happens to a file once Orthanc's stored copy is verified: keep, archive or delete.
+    after_send: str = AFTER_SEND_KEEP
+    archive_folder: str | None = None
+
+    @property
+    def dicom_host(self) -> str:
+        """The address C-STORE associations go to."""
+        return self.orthanc_dicom_host or (urlsplit(self.orthanc_url).hostname or "")
 
     def watch_folder_of(self, path: str) -> str:
         """Return the watch folder that contains PATH (the deepest one when folders nest)."""
@@ -73,6 +89,8 @@ class AgentConfig:
     quiet_time_s: float
     workers: int
     machines: tuple[MachineConfig, ...]
+    # Where to send heartbeats; None when the configuration has no [heartbeat] table.
+    heartbeat: HeartbeatSettings | None = None
 
     def machine(self, machine_id: str) -> MachineConfig:
         """Return the machine MACHINE_ID."""
@@ -154,6 +172,18 @@ def _url(value: Any) -> str | None:
     return None
 
 
+def _after_send(value: Any) -> str | None:
+    if value not in AFTER_SEND_POLICIES:
+        return "must be " + ", ".join(repr(policy) for policy in AFTER_SEND_POLICIES)
+    return None
+
+
+def _host(value: Any) -> str | None:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", value):
+        return "must be an IP address or a host name"
+    return None
+
+
 def _port(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         return "must be a TCP port from 1 to 65535"
@@ -196,6 +226,9 @@ MACHINE_KEYS: dict[str, tuple[Callable[[Any], str | None], bool, Any]] = {
     "credential": (_credential, True, None),
     "password_file": (_absolute_path, False, None),
     "ca_file": (_absolute_path, False, None),
+    "orthanc_dicom_host": (_host, False, None),
+    "after_send": (_after_send, False, AFTER_SEND_KEEP),
+    "archive_folder": (_absolute_path, False, None),
 }
 
 
@@ -223,8 +256,25 @@ def _check_table(table: dict, keys: dict, where: str, problems: list[str]) -> di
     return values
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def _check_folders(machines: list[MachineConfig], where: str, problems: list[str]) -> None:
-    """Report a watch folder given twice, which would leave its files without one owner."""
+    """Report a watch folder given twice, and an archive folder that a watcher would send again."""
+    watched = [os.path.normpath(folder) for machine in machines for folder in machine.watch_folders]
+    for machine in machines:
+        if not machine.archive_folder:
+            continue
+        archive = os.path.normpath(machine.archive_folder)
+        for folder in watched:
+            if _inside(archive, folder) or _inside(folder, archive):
+                problems.append(
+                    f"{where}: the archive_folder {machine.archive_folder!r} of machine {machine.id!r} overlaps "
+                    f"the watch folder {folder!r}; archived files would be sent again, so choose a folder "
+                    "outside every watch folder.")
+                break
+
     owners: dict[str, str] = {}
     for machine in machines:
         for folder in machine.watch_folders:
@@ -247,8 +297,16 @@ def parse_config(text: str, path: Path) -> AgentConfig:
 
     problems: list[str] = []
     for key in document:
-        if key not in ("agent", "machine"):
-            problems.append(f"{path}: unknown top-level key or table {key!r} (expected [agent] and [[machine]]).")
+        if key not in ("agent", "heartbeat", "machine"):
+            problems.append(f"{path}: unknown top-level key or table {key!r} (expected [agent], [heartbeat] "
+                            "and [[machine]]).")
+
+    heartbeat = None
+    if "heartbeat" in document:
+        try:
+            heartbeat = parse_heartbeat_table(document["heartbeat"], str(path))
+        except HeartbeatConfigError as error:
+            problems.extend(error.problems)
 
     agent_table = document.get("agent")
     if not isinstance(agent_table, dict):
@@ -276,10 +334,10 @@ def parse_config(text: str, path: Path) -> AgentConfig:
             continue
         seen_ids.add(values["id"])
 
-        if values["transport"] == TRANSPORT_CSTORE:
+        if values["after_send"] == AFTER_SEND_ARCHIVE and not values["archive_folder"]:
             problems.append(
-                f"{where}: transport = 'cstore' is not supported by this agent version yet; "
-                f"set transport = 'rest' for machine {values['id']!r} (dicomfleet_transport in the inventory).")
+                f"{where}: after_send = 'archive' needs archive_folder, the absolute folder that sent files of "
+                f"machine {values['id']!r} are moved to (dicomfleet_archive_folder in the inventory).")
             continue
 
         values["watch_folders"] = tuple(values["watch_folders"])
@@ -299,6 +357,7 @@ def parse_config(text: str, path: Path) -> AgentConfig:
         quiet_time_s=float(agent["quiet_time_s"]),
         workers=int(agent["workers"]),
         machines=tuple(machines),
+        heartbeat=heartbeat,
     )
 
 

@@ -183,8 +183,7 @@ class HeartbeatSender:
         if token is None:
             self.problems.report(("token", machine_id),
                                  f"No heartbeat token for machine {machine_id}: expected the systemd credential "
-                                 f"{CREDENTIAL_PREFIX}{machine_id}; the dashboard will show it offline.",
-                                 logging.ERROR)
+                                 f"{CREDENTIAL_PREFIX}{machine_id}; the dashboard will show it offline.")
             return False
         self.problems.clear(("token", machine_id), f"The heartbeat token of machine {machine_id} is readable.")
 

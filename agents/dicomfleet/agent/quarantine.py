@@ -24,7 +24,7 @@ def _printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _free_destination(preferred: Path) -> Path:
+def free_destination(preferred: Path) -> Path:
     """Return PREFERRED, or PREFERRED.1, PREFERRED.2 ... when the name (or its reason note) is taken."""
     candidate = preferred
     for number in range(1, MAX_SUFFIX):
@@ -43,7 +43,7 @@ def _sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _move(source: Path, destination: Path) -> None:
+def move_file(source: Path, destination: Path) -> None:
     """Move SOURCE to DESTINATION, copying across file systems without ever holding the only copy in flight."""
     try:
         os.link(source, destination)
@@ -78,7 +78,7 @@ def quarantine_file(quarantine_root: Path, machine_id: str, watch_folder: str, p
 
     preferred = quarantine_root / machine_id / relative
     preferred.parent.mkdir(parents=True, exist_ok=True)
-    destination = _free_destination(preferred)
+    destination = free_destination(preferred)
 
     note = (
         f"reason: {reason}\n"
@@ -90,7 +90,7 @@ def quarantine_file(quarantine_root: Path, machine_id: str, watch_folder: str, p
     reason_file.write_text(note, encoding="utf-8")
 
     try:
-        _move(Path(path), destination)
+        move_file(Path(path), destination)
     except OSError:
         # The note would describe a file that is not there.
         reason_file.unlink(missing_ok=True)

@@ -66,6 +66,7 @@ class StoreResult:
     status: str
     instance_id: str
     sha256: str
+    md5: str = ""
 
 
 class _FileBody:
@@ -76,6 +77,8 @@ class _FileBody:
         self.size = size
         self.remaining = size
         self.digest = hashlib.sha256()
+        # Orthanc reports the MD5 of each stored attachment, so the after-send check compares MD5s.
+        self.md5 = hashlib.md5()
 
     def __len__(self) -> int:
         return self.size
@@ -92,6 +95,7 @@ class _FileBody:
             raise FileChangedError(
                 f"the file ended after {self.size - self.remaining} of the {self.size} bytes it had when queued")
         self.digest.update(data)
+        self.md5.update(data)
         self.remaining -= len(data)
         return data
 
@@ -168,7 +172,8 @@ def store_instance(session: requests.Session, target: OrthancTarget, path: str, 
 
     if status not in (STATUS_SUCCESS, STATUS_ALREADY_STORED):
         raise TransientError(f"POST /instances returned Status {status!r} for instance {instance_id}")
-    return StoreResult(status=status, instance_id=instance_id, sha256=body.digest.hexdigest())
+    return StoreResult(status=status, instance_id=instance_id, sha256=body.digest.hexdigest(),
+                       md5=body.md5.hexdigest())
 
 
 def _request(session: requests.Session, method: str, target: OrthancTarget, path: str, **kwargs):
@@ -200,6 +205,77 @@ def set_source_machine(session: requests.Session, target: OrthancTarget, instanc
                         headers={"Content-Type": "text/plain"})
     if not response.ok:
         _raise_for_status(response, f"PUT {path}")
+
+
+def find_instance(session: requests.Session, target: OrthancTarget, sop_instance_uid: str) -> str | None:
+    """Return the Orthanc ID of the instance with SOP_INSTANCE_UID, or None when Orthanc has none.
+
+    NOTE: when two studies hold the same SOP Instance UID, the first one Orthanc lists is returned.
+    """
+    response = _request(session, "POST", target, "/tools/lookup", data=sop_instance_uid.encode("ascii", "replace"))
+    if not response.ok:
+        _raise_for_status(response, "POST /tools/lookup")
+    try:
+        matches = response.json()
+    except ValueError as error:
+        raise TransientError(f"POST /tools/lookup returned no JSON: {response.text[:200]!r}") from error
+    for match in matches:
+        if isinstance(match, dict) and match.get("Type") == "Instance":
+            return str(match["ID"])
+    return None
+
+
+def stored_md5(session: requests.Session, target: OrthancTarget, instance_id: str) -> str:
+    """Return the MD5 that Orthanc computed for the stored DICOM file of INSTANCE_ID."""
+    path = f"/instances/{instance_id}/attachments/dicom/md5"
+    response = _request(session, "GET", target, path)
+    if not response.ok:
+        _raise_for_status(response, f"GET {path}")
+    return response.text.strip().strip('"')
+
+
+def stored_dataset_md5(session: requests.Session, target: OrthancTarget, instance_id: str) -> str:
+    """Return the MD5 of the data set of INSTANCE_ID's stored file, without its file meta information.
+
+    Orthanc writes its own file meta information for an instance received by C-STORE, so
+    only the data set can match the sent file. The file is streamed, never held in memory.
+    """
+    path = f"/instances/{instance_id}/file"
+    url = f"{target.url}{path}"
+    try:
+        with session.get(url, auth=target.auth, verify=target.verify, stream=True,
+                         timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as response:
+            if not response.ok:
+                _raise_for_status(response, f"GET {path}")
+            return _dataset_md5(response.iter_content(BODY_BLOCK))
+    except requests.RequestException as error:
+        raise TransientError(f"GET {url} failed: {error}") from error
+
+
+def _dataset_md5(chunks) -> str:
+    """Return the MD5 of a Part 10 stream after its preamble and file meta group, whose length is (0002,0000)."""
+    buffer = bytearray()
+    chunks = iter(chunks)
+    # Preamble (128), "DICM" (4), then (0002,0000) UL in explicit VR little endian: 12 bytes.
+    header_length = 128 + 4 + 12
+    for chunk in chunks:
+        buffer += chunk
+        if len(buffer) >= header_length:
+            break
+    if len(buffer) < header_length or bytes(buffer[128:132]) != b"DICM" or bytes(buffer[132:136]) != b"\x02\x00\x00\x00":
+        raise TransientError("Orthanc's stored file does not start with file meta information and its group length")
+    skip = header_length + int.from_bytes(buffer[140:144], "little")
+
+    digest = hashlib.md5()
+    while len(buffer) < skip:
+        chunk = next(chunks, None)
+        if chunk is None:
+            raise TransientError("Orthanc's stored file ends inside its file meta information")
+        buffer += chunk
+    digest.update(bytes(buffer[skip:]))
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def delete_instance(session: requests.Session, target: OrthancTarget, instance_id: str) -> None:

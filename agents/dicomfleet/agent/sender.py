@@ -1,14 +1,14 @@
 """The agent's upload workers: take due files from the spool, check them and send them to Orthanc.
 
-Each worker thread keeps one keep-alive requests.Session. A file is marked sent
-only once Orthanc returned Success or AlreadyStored and the instance carries
-its SourceMachine metadata.
+Each worker thread keeps one keep-alive requests.Session and, for C-STORE machines,
+one association per machine. A file is marked sent only once Orthanc stored it and
+the instance carries its SourceMachine metadata; archive and delete follow only
+after Orthanc's stored copy is verified.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import threading
@@ -16,10 +16,10 @@ import time
 
 import requests
 
-from dicomfleet.agent import dicomfile, quarantine, rest
+from dicomfleet.agent import aftersend, cstore, dicomfile, quarantine, rest
 from dicomfleet.agent.backoff import backoff_delay
 from dicomfleet.agent.breaker import AUTH_REJECTED, MachineBreaker
-from dicomfleet.agent.config import AgentConfig, MachineConfig
+from dicomfleet.agent.config import AFTER_SEND_KEEP, TRANSPORT_CSTORE, AgentConfig, MachineConfig
 from dicomfleet.agent.password import PasswordError, read_password
 from dicomfleet.agent.repeats import RepeatedProblems
 from dicomfleet.agent.spool import Spool, SpoolRecord
@@ -32,6 +32,9 @@ SPOOL_RETRY_S = 5.0
 # A rejected file that may still be written (it looks truncated) is quarantined only after it
 # stayed unchanged this long, or quiet_time_s when that is longer, so a paused writer keeps its file.
 GROWING_QUIET_S = 30.0
+# Orthanc 1.10.1 returns C-STORE status 0xC000 "cannot understand" for a data set it cannot
+# parse, but also for other errors while storing; a file is quarantined after this many.
+CANNOT_UNDERSTAND_ATTEMPTS = 3
 
 
 @dataclasses.dataclass
@@ -41,17 +44,6 @@ class MachineActivity:
     last_success_at: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
-
-
-def file_sha256(path: str, block: int = 1024 * 1024) -> str:
-    """Return the SHA-256 of the file PATH, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            data = handle.read(block)
-            if not data:
-                return digest.hexdigest()
-            digest.update(data)
 
 
 class Sender:
@@ -76,12 +68,17 @@ class Sender:
         self.problems = RepeatedProblems(log)
 
     def start(self) -> None:
-        """Start the worker threads."""
+        """Start the worker threads, and one that finishes the after-send policy of files sent before a stop."""
         for number in range(1, self.config.workers + 1):
             thread = threading.Thread(target=self._run, name=f"sender-{number}", daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("Started %d upload workers.", len(self._threads))
+
+        if any(machine.after_send != AFTER_SEND_KEEP for machine in self.config.machines):
+            thread = threading.Thread(target=self._finish_unverified, name="after-send", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def notify(self) -> None:
         """Wake idle workers because files were queued."""
@@ -139,6 +136,20 @@ class Sender:
             session = getattr(self._local, "session", None)
             if session is not None:
                 session.close()
+            for link in getattr(self._local, "links", {}).values():
+                link.close()
+
+    def _link(self, machine: MachineConfig) -> cstore.CStoreLink:
+        """Return this worker's C-STORE association holder for MACHINE."""
+        links = getattr(self._local, "links", None)
+        if links is None:
+            links = self._local.links = {}
+        link = links.get(machine.id)
+        if link is None:
+            link = cstore.CStoreLink(machine.ae_title, machine.orthanc_aet, machine.dicom_host,
+                                     machine.orthanc_dicom_port)
+            links[machine.id] = link
+        return link
 
     def _process_safely(self, record: SpoolRecord) -> None:
         machine = self.machines[record.machine]
@@ -234,15 +245,25 @@ class Sender:
             self._quarantine(record, machine, f"not a valid DICOM file: {verdict.reason}")
             return
 
+        syntax = None
         try:
-            sha256 = file_sha256(path)
+            if machine.transport == TRANSPORT_CSTORE:
+                syntax = cstore.read_syntax(path)
+            digests = aftersend.file_digests(path, syntax.dataset_offset if syntax else 0)
+        except cstore.FileRejected as error:
+            breaker.end_without_response()
+            self._quarantine(record, machine, f"cannot be sent with C-STORE: {error}")
+            return
         except OSError as error:
             breaker.end_without_response()
             self._report_unreadable(record, machine, error)
             return
-        self.spool.set_sha256(record.id, sha256)
+        self.spool.set_sha256(record.id, digests.sha256)
 
-        self._send(record, machine, breaker, verdict, sha256)
+        if syntax is not None:
+            self._send_cstore(record, machine, breaker, verdict, syntax, digests)
+        else:
+            self._send(record, machine, breaker, verdict, digests.sha256)
 
     def _report_unreadable(self, record: SpoolRecord, machine: MachineConfig, error: OSError) -> None:
         message = f"cannot read the file: {error.strerror or error}"
@@ -303,19 +324,174 @@ class Sender:
             self._report_unreadable(record, machine, error)
             return
 
-        # TODO: only the keep policy exists: the sent file stays in its watch folder. Archive
-        # (move to a folder) and delete policies are still to be added here.
-        self.spool.mark_sent(record.id, result.instance_id)
+        self._stored(record, machine, breaker, verdict, result.instance_id, result.status, result.md5,
+                     session, target)
+
+    def _stored(self, record: SpoolRecord, machine: MachineConfig, breaker: MachineBreaker,
+                verdict: dicomfile.Verdict, instance_id: str, status: str, md5: str,
+                session: requests.Session, target: rest.OrthancTarget) -> None:
+        """Record a stored file, apply its after-send policy, and resume the machine's backlog after an outage."""
+        self.spool.mark_sent(record.id, instance_id)
         self.activity[machine.id].last_success_at = time.time()
         log.info("Stored file %s of machine %s as Orthanc instance %s (%s); SOP Instance UID %s, study %s.",
-                 record.path, machine.id, result.instance_id, result.status, verdict.sop_instance_uid,
+                 record.path, machine.id, instance_id, status, verdict.sop_instance_uid,
                  verdict.study_instance_uid)
+        if machine.after_send != AFTER_SEND_KEEP:
+            self._verify_and_apply(record, machine, instance_id, md5, session, target)
 
         if breaker.succeeded():
             released = self.spool.release(machine.id)
             if released:
                 log.info("Released %d queued files of machine %s for sending now.", released, machine.id)
                 self.notify()
+
+    def _send_cstore(self, record: SpoolRecord, machine: MachineConfig, breaker: MachineBreaker,
+                     verdict: dicomfile.Verdict, syntax: cstore.FileSyntax, digests: aftersend.FileDigests) -> None:
+        session = self._session()
+        target = self._target(machine, reload=breaker.state == AUTH_REJECTED)
+        log.debug("Sending file %s of machine %s with C-STORE (spool record %d, attempt %d).",
+                  record.path, machine.id, record.id, record.attempts)
+
+        try:
+            result = self._link(machine).store(record.path, syntax)
+            if self._identity_changed(record):
+                raise _ChangedDuringSend()
+            instance_id = rest.find_instance(session, target, verdict.sop_instance_uid)
+            if instance_id is None:
+                raise rest.TransientError(f"Orthanc acknowledged the C-STORE of SOP Instance UID "
+                                          f"{verdict.sop_instance_uid} but does not list the instance")
+            self._tag_source_machine(session, machine, target,
+                                     rest.StoreResult(rest.STATUS_SUCCESS, instance_id, digests.sha256))
+        except cstore.CallingAeRejected as error:
+            breaker.calling_ae_rejected(str(error))
+            self.spool.requeue(record.id, time.time(), error=breaker.last_error)
+            self._note_error(machine, breaker.last_error)
+            return
+        except rest.AuthError as error:
+            breaker.auth_rejected(error.status)
+            self.spool.requeue(record.id, time.time(), error=breaker.last_error)
+            self._note_error(machine, breaker.last_error)
+            return
+        except (cstore.TransientError, rest.TransientError) as error:
+            breaker.unreachable(str(error))
+            self._retry_file(record, machine, str(error))
+            return
+        except cstore.FileRejected as error:
+            breaker.succeeded()
+            self._quarantine(record, machine, str(error))
+            return
+        except cstore.CannotUnderstand as error:
+            breaker.succeeded()
+            if record.attempts >= CANNOT_UNDERSTAND_ATTEMPTS:
+                self._quarantine(record, machine, f"{error}, {record.attempts} times")
+            else:
+                log.warning("File %s of machine %s: %s; retrying (attempt %d of %d before quarantine).",
+                            record.path, machine.id, error, record.attempts, CANNOT_UNDERSTAND_ATTEMPTS)
+                self._retry_file(record, machine, str(error))
+            return
+        except _ChangedDuringSend:
+            breaker.succeeded()
+            log.warning("File %s of machine %s changed while it was sent with C-STORE; it is queued again.",
+                        record.path, machine.id)
+            self._requeue_changed(record)
+            return
+        except OSError as error:
+            breaker.end_without_response()
+            self._report_unreadable(record, machine, error)
+            return
+
+        if result.warning:
+            log.warning("Orthanc stored file %s of machine %s with warning status 0x%04X (%s).",
+                        record.path, machine.id, result.status, result.warning)
+        status = "C-STORE status 0x%04X" % result.status
+        self._stored(record, machine, breaker, verdict, instance_id, status, digests.md5, session, target)
+
+    def _identity_changed(self, record: SpoolRecord) -> bool:
+        """Return True when the file's size or mtime differs from its record, after a send from disk."""
+        try:
+            stat = os.stat(record.path)
+        except OSError:
+            return False
+        return (stat.st_size, stat.st_mtime_ns) != (record.size, record.mtime_ns)
+
+    def _verify_and_apply(self, record: SpoolRecord, machine: MachineConfig, instance_id: str, md5: str,
+                          session: requests.Session, target: rest.OrthancTarget) -> bool:
+        """Verify Orthanc's copy of a sent file, then archive or delete the file; return True when done.
+
+        On any failure the file stays in place and its record stays ``sent``; the next
+        start of the agent tries again.
+        """
+        try:
+            aftersend.verify_stored(session, target, machine, instance_id, md5)
+        except aftersend.VerificationFailed as error:
+            log.error("File %s of machine %s is kept, because Orthanc's copy differs: %s.",
+                      record.path, machine.id, error)
+            self._note_error(machine, f"kept {record.path}: {error}")
+            return False
+        except (rest.TransientError, rest.AuthError) as error:
+            # NOTE: the check is tried again only at the agent's next start.
+            log.warning("Cannot verify Orthanc instance %s of file %s of machine %s (%s); the file stays in place "
+                        "until the agent's next start.", instance_id, record.path, machine.id, error)
+            return False
+
+        try:
+            destination = aftersend.apply_policy(machine, record.path)
+        except FileNotFoundError:
+            log.warning("File %s of machine %s was gone before the after-send policy %r.",
+                        record.path, machine.id, machine.after_send)
+        except OSError as error:
+            log.error("Cannot %s file %s of machine %s after Orthanc's copy was verified: %s. It stays in place "
+                      "until the agent's next start.", machine.after_send, record.path, machine.id, error)
+            self._note_error(machine, f"cannot {machine.after_send} {record.path}: {error}")
+            return False
+        else:
+            if destination:
+                log.info("Verified Orthanc instance %s and archived file %s of machine %s as %s.",
+                         instance_id, record.path, machine.id, destination)
+            else:
+                log.info("Verified Orthanc instance %s and deleted file %s of machine %s.",
+                         instance_id, record.path, machine.id)
+        self.spool.mark_verified(record.id)
+        return True
+
+    def _finish_unverified(self) -> None:
+        """Verify and archive or delete the files left ``sent`` by an earlier run or a failed check."""
+        machines = [machine.id for machine in self.config.machines if machine.after_send != AFTER_SEND_KEEP]
+        records = self.spool.sent_unverified(machines)
+        if not records:
+            return
+        log.info("Verifying %d sent files whose after-send policy was not applied yet.", len(records))
+
+        session = requests.Session()
+        try:
+            for record in records:
+                if self.stop.is_set():
+                    return
+                self._finish_one(record, session)
+        finally:
+            session.close()
+
+    def _finish_one(self, record: SpoolRecord, session: requests.Session) -> None:
+        machine = self.machines[record.machine]
+        if not os.path.lexists(record.path):
+            # The policy ran, but the agent stopped before it recorded that.
+            self.spool.mark_verified(record.id)
+            return
+        if self._identity_changed(record) or not record.instance_id:
+            log.warning("File %s of machine %s changed since it was sent; it is kept and the watcher sends the "
+                        "new version.", record.path, machine.id)
+            return
+
+        try:
+            offset = cstore.read_syntax(record.path).dataset_offset if machine.transport == TRANSPORT_CSTORE else 0
+            digests = aftersend.file_digests(record.path, offset)
+        except (OSError, cstore.FileRejected) as error:
+            log.warning("Cannot read sent file %s of machine %s to verify it: %s.", record.path, machine.id, error)
+            return
+        if digests.sha256 != record.sha256:
+            log.warning("File %s of machine %s differs from the version sent; it is kept.", record.path, machine.id)
+            return
+        self._verify_and_apply(record, machine, record.instance_id, digests.md5, session, self._target(machine))
 
     def _check_unchanged(self, record: SpoolRecord, machine: MachineConfig, result: rest.StoreResult,
                          sha256: str, session: requests.Session, target: rest.OrthancTarget) -> None:

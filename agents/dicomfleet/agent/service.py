@@ -18,6 +18,7 @@ import time
 from dicomfleet import __version__
 from dicomfleet.agent import status
 from dicomfleet.agent.config import AgentConfig, ConfigError, load_config
+from dicomfleet.agent.heartbeat import HeartbeatSender
 from dicomfleet.agent.password import PasswordError, read_password
 from dicomfleet.agent.repeats import RepeatedProblems
 from dicomfleet.agent.sender import Sender
@@ -48,6 +49,8 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
     # requests' connection pool logs every new connection at DEBUG.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, getattr(logging, level)))
+    # pynetdicom logs every association and every C-STORE request at INFO; the agent logs each file itself.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
 def main(args: list[str] | None = None) -> int:
@@ -110,6 +113,12 @@ def main(args: list[str] | None = None) -> int:
     sender.start()
     watcher_thread.start()
 
+    heartbeats = None
+    if config.heartbeat is not None:
+        heartbeats = HeartbeatSender(config.heartbeat, [machine.id for machine in config.machines],
+                                     lambda: status.build_status(config, spool, sender, started_at), stop)
+        heartbeats.start()
+
     problems = RepeatedProblems(log)
     while not stop.is_set():
         _write_status(config, spool, sender, started_at, problems)
@@ -117,6 +126,8 @@ def main(args: list[str] | None = None) -> int:
 
     watcher_thread.join()
     sender.join()
+    if heartbeats is not None:
+        heartbeats.join(config.heartbeat.timeout_s + 1)
     _write_status(config, spool, sender, started_at, problems)
     spool.close()
     if watcher_failed.is_set():

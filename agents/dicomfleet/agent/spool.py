@@ -17,14 +17,18 @@ from typing import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 QUEUED = "queued"
 SENDING = "sending"
 SENT = "sent"
+# Orthanc's stored copy matched the file's MD5 and the after-send policy (archive or delete) was applied.
+VERIFIED = "verified"
 FAILED = "failed"
 QUARANTINED = "quarantined"
-STATES = (QUEUED, SENDING, SENT, FAILED, QUARANTINED)
+STATES = (QUEUED, SENDING, SENT, VERIFIED, FAILED, QUARANTINED)
+# States of files that Orthanc has.
+DONE_STATES = (SENT, VERIFIED)
 # States whose files still have to reach Orthanc.
 PENDING_STATES = (QUEUED, SENDING, FAILED)
 
@@ -49,6 +53,16 @@ CREATE TABLE IF NOT EXISTS files (
 );
 CREATE INDEX IF NOT EXISTS files_due ON files (next_attempt) WHERE state IN ('queued', 'failed');
 CREATE INDEX IF NOT EXISTS files_by_machine ON files (machine, state, sent_at);
+"""
+
+# Version 1 lacked the state 'verified' in its CHECK constraint, which SQLite cannot alter in place.
+_MIGRATE_FROM_1 = """
+DROP INDEX IF EXISTS files_due;
+DROP INDEX IF EXISTS files_by_machine;
+ALTER TABLE files RENAME TO files_version_1;
+""" + _SCHEMA + """
+INSERT INTO files SELECT * FROM files_version_1;
+DROP TABLE files_version_1;
 """
 
 _COLUMNS = ("id, machine, path, size, mtime_ns, sha256, state, attempts, next_attempt, "
@@ -111,10 +125,13 @@ class Spool:
             # FULL syncs every commit, so a record survives a power cut once its file may be sent.
             self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise SpoolError(
                     f"The spool {self.path} has schema version {version}, but this agent reads version "
                     f"{SCHEMA_VERSION}; run the agent version that wrote it or move the spool aside.")
+            if version == 1:
+                self._db.executescript(f"BEGIN; {_MIGRATE_FROM_1} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                log.info("Migrated the spool %s from schema version 1 to %d.", self.path, SCHEMA_VERSION)
             with self._db:
                 self._db.executescript(_SCHEMA)
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -224,6 +241,25 @@ class Spool:
                 "UPDATE files SET state = ?, instance_id = ?, last_error = NULL, sent_at = ?, updated_at = ? "
                 "WHERE id = ?", (SENT, instance_id, now, now, record_id))
 
+    def mark_verified(self, record_id: int, now: float | None = None) -> None:
+        """Record that Orthanc's copy of the sent file was verified and the after-send policy applied."""
+        now = time.time() if now is None else now
+        with self._lock, self._db:
+            self._db.execute("UPDATE files SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                             (VERIFIED, now, record_id, SENT))
+
+    def sent_unverified(self, machines: Iterable[str]) -> list[SpoolRecord]:
+        """Return the records of MACHINES that are sent but not verified, oldest first."""
+        machines = list(machines)
+        if not machines:
+            return []
+        marks = ", ".join("?" for _ in machines)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE state = ? AND machine IN ({marks}) ORDER BY id",
+                (SENT, *machines)).fetchall()
+        return [_record(row) for row in rows]
+
     def mark_failed(self, record_id: int, error: str, next_attempt: float, now: float | None = None) -> None:
         """Record a failed attempt; the file is retried at NEXT_ATTEMPT."""
         now = time.time() if now is None else now
@@ -294,18 +330,18 @@ class Spool:
         counts = MachineCounts()
         with self._lock:
             for state, number in self._db.execute(
-                    "SELECT state, count(*) FROM files WHERE machine = ? AND state != ? GROUP BY state",
-                    (machine, SENT)):
+                    "SELECT state, count(*) FROM files WHERE machine = ? AND state NOT IN (?, ?) GROUP BY state",
+                    (machine, *DONE_STATES)):
                 setattr(counts, state, number)
             counts.sent_today = self._db.execute(
-                "SELECT count(*) FROM files WHERE machine = ? AND state = ? AND sent_at >= ?",
-                (machine, SENT, day_start)).fetchone()[0]
+                "SELECT count(*) FROM files WHERE machine = ? AND state IN (?, ?) AND sent_at >= ?",
+                (machine, *DONE_STATES, day_start)).fetchone()[0]
             counts.oldest_pending_created_at = self._db.execute(
                 "SELECT min(created_at) FROM files WHERE machine = ? AND state IN (?, ?, ?)",
                 (machine, *PENDING_STATES)).fetchone()[0]
             counts.last_sent_at = self._db.execute(
-                "SELECT max(sent_at) FROM files WHERE machine = ? AND state = ?",
-                (machine, SENT)).fetchone()[0]
+                "SELECT max(sent_at) FROM files WHERE machine = ? AND state IN (?, ?)",
+                (machine, *DONE_STATES)).fetchone()[0]
         return counts
 
     def records(self, machine: str | None = None) -> list[SpoolRecord]:
@@ -329,8 +365,8 @@ class Spool:
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT id, path FROM files WHERE state = ? AND sent_at < ? AND id > ? ORDER BY id LIMIT ?",
-                    (SENT, sent_before, last_id, batch)).fetchall()
+                    "SELECT id, path FROM files WHERE state IN (?, ?) AND sent_at < ? AND id > ? ORDER BY id LIMIT ?",
+                    (*DONE_STATES, sent_before, last_id, batch)).fetchall()
             if not rows:
                 return removed
 
@@ -338,5 +374,5 @@ class Spool:
             missing = [(record_id,) for record_id, path in rows if not exists(os.fsdecode(path))]
             if missing:
                 with self._lock, self._db:
-                    self._db.executemany("DELETE FROM files WHERE id = ? AND state = 'sent'", missing)
+                    self._db.executemany("DELETE FROM files WHERE id = ? AND state IN ('sent', 'verified')", missing)
                 removed += len(missing)

@@ -30,7 +30,7 @@ from dicomfleet.dashboard.heartbeats import (
     parse_heartbeat,
 )
 from dicomfleet.dashboard.orthanc import OrthancWatch, PreviewCache, PreviewUnavailable
-from dicomfleet.dashboard.studies import MachineActivity, StudyIndex
+from dicomfleet.dashboard.studies import ActivityWatch, MachineActivity, StudyIndex
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +57,31 @@ class Runtime:
     studies: StudyIndex
     orthanc: OrthancWatch
     previews: PreviewCache
+    # The background study counts; None runs the aggregation for every view.
+    activity: ActivityWatch | None = None
     problems: RepeatedProblems = dataclasses.field(default_factory=lambda: RepeatedProblems(log))
 
-    def view(self) -> tuple[fleet.FleetView, str | None]:
-        """Return the fleet view now, and why study counts are missing when MongoDB failed."""
-        now = fleet.local_now(self.config)
-        error = None
+    def _activity(self, now: datetime.datetime) -> tuple[dict[str, MachineActivity], datetime.datetime | None,
+                                                          str | None]:
+        if self.activity is not None:
+            snapshot = self.activity.snapshot()
+            return snapshot.activity, snapshot.taken_at, snapshot.error
+
         try:
             activity = self.studies.activity(fleet.day_start(now))
         except pymongo.errors.PyMongoError as exception:
             error = f"MongoDB does not answer, so study counts are missing: {exception}"
             self.problems.report("studies", error)
-            activity: dict[str, MachineActivity] = {}
-        else:
-            self.problems.clear("studies", "MongoDB answers the study queries again.")
-        view = fleet.build_view(self.config, self.book.latest(), activity, self.orthanc.snapshot(), now)
+            return {}, None, error
+        self.problems.clear("studies", "MongoDB answers the study queries again.")
+        return activity, now, None
+
+    def view(self) -> tuple[fleet.FleetView, str | None]:
+        """Return the fleet view now, and why study counts are missing or old when MongoDB failed."""
+        now = fleet.local_now(self.config)
+        activity, counted_at, error = self._activity(now)
+        view = fleet.build_view(self.config, self.book.latest(), activity, self.orthanc.snapshot(), now,
+                                counted_at)
         return view, error
 
 

@@ -120,6 +120,8 @@ class DashboardConfig:
     max_heartbeat_bytes: int
     threads: int
     sync_lag_alert_s: float
+    # Seconds between two runs of the study counts' aggregation; 0 runs it for every page.
+    activity_refresh_s: float
     orthanc: OrthancSettings
     mongodb_uri: str
     mongodb_database: str
@@ -187,6 +189,12 @@ def _addresses(value: Any) -> str | None:
 def _positive(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         return "must be a number above 0"
+    return None
+
+
+def _non_negative(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return "must be a number, 0 or more"
     return None
 
 
@@ -270,6 +278,7 @@ _DASHBOARD_KEYS: dict[str, tuple[Check, bool, Any]] = {
     "max_heartbeat_bytes": (_whole, False, 16384),
     "threads": (_whole, False, 8),
     "sync_lag_alert_s": (_positive, False, 600),
+    "activity_refresh_s": (_non_negative, False, 5),
 }
 _ORTHANC_KEYS: dict[str, tuple[Check, bool, Any]] = {
     "name": (_string, True, None),
@@ -407,6 +416,7 @@ def parse_config(text: str, path: Path) -> DashboardConfig:
         max_heartbeat_bytes=dashboard["max_heartbeat_bytes"],
         threads=dashboard["threads"],
         sync_lag_alert_s=float(dashboard["sync_lag_alert_s"]),
+        activity_refresh_s=float(dashboard["activity_refresh_s"]),
         orthanc=OrthancSettings(
             name=orthanc["name"],
             url=orthanc["url"].rstrip("/"),

@@ -72,6 +72,8 @@ class FleetView:
     orthanc: OrthancSnapshot
     # Studies whose source machine is not in the inventory, today.
     unattributed_studies_today: int
+    # When the study counts were read from MongoDB; None when they never were.
+    counted_at: datetime.datetime | None = None
 
     def count(self, state: str) -> int:
         """Return how many machines are in STATE."""
@@ -91,6 +93,7 @@ class FleetView:
             "states": {state: self.count(state) for state in states.STATES},
             "machines": [row.to_json() for row in self.rows],
             "unattributed_studies_today": self.unattributed_studies_today,
+            "counted_at": self.counted_at.astimezone(datetime.timezone.utc).isoformat() if self.counted_at else None,
             "orthanc": {
                 "online": orthanc.online,
                 "error": orthanc.error,
@@ -126,7 +129,7 @@ def day_start(now: datetime.datetime) -> datetime.datetime:
 
 def build_view(config: DashboardConfig, heartbeats: dict[str, Heartbeat],
                activity: dict[str, MachineActivity], orthanc: OrthancSnapshot,
-               now: datetime.datetime) -> FleetView:
+               now: datetime.datetime, counted_at: datetime.datetime | None = None) -> FleetView:
     """Return the fleet view at NOW from the latest HEARTBEATS, the studies' ACTIVITY and ORTHANC."""
     rows = []
     for machine in config.machines:
@@ -139,7 +142,7 @@ def build_view(config: DashboardConfig, heartbeats: dict[str, Heartbeat],
     known = {machine.id for machine in config.machines}
     unattributed = sum(entry.studies_today for machine_id, entry in activity.items() if machine_id not in known)
     return FleetView(site=config.site, now=now, rows=tuple(rows), orthanc=orthanc,
-                     unattributed_studies_today=unattributed)
+                     unattributed_studies_today=unattributed, counted_at=counted_at)
 
 
 def heartbeat_age(row: MachineRow, now: datetime.datetime) -> str:

@@ -1,7 +1,8 @@
 """Check the heartbeats agents send and keep the latest one of each machine.
 
-The latest heartbeat lives in memory, because this process receives every one,
-and in MongoDB's ``machine_heartbeats`` collection so a restart forgets nothing.
+The latest heartbeat lives in memory, because this process receives every one.
+A writer thread copies it to MongoDB's ``machine_heartbeats`` collection about
+once a second, so a restart forgets little and a slow MongoDB never delays an agent.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ AGENT_STATES = ("sending", "orthanc_unreachable", "credentials_rejected")
 MAX_TEXT = 2000
 MAX_FOLDERS = 64
 MAX_COUNT = 2**53
+FLUSH_INTERVAL_S = 1.0
 
 
 class HeartbeatRejected(Exception):
@@ -241,9 +243,12 @@ class HeartbeatBook:
         self.collection = database[COLLECTION]
         self._lock = threading.Lock()
         self._latest: dict[str, Heartbeat] = {}
+        self._unsaved: set[str] = set()
+        self._wakeup = threading.Event()
         self.accepted_total: dict[str, int] = {}
         self.rejected_total: dict[str, int] = {}
         self.problems = RepeatedProblems(log)
+        self.thread: threading.Thread | None = None
 
     def load(self) -> int:
         """Read the stored heartbeats of the configured machines; return how many were found.
@@ -288,16 +293,47 @@ class HeartbeatBook:
                 baseline = heartbeat.files_quarantined
             stored = dataclasses.replace(heartbeat, quarantined_at_day_start=baseline, day=day)
             self._latest[heartbeat.machine] = stored
+            self._unsaved.add(heartbeat.machine)
             self.accepted_total[heartbeat.machine] = self.accepted_total.get(heartbeat.machine, 0) + 1
-
-        try:
-            self.collection.replace_one({"_id": stored.machine}, stored.to_document(), upsert=True)
-        except pymongo.errors.PyMongoError as error:
-            self.problems.report("store", f"Cannot store heartbeats in MongoDB ({error}); keeping them in "
-                                          "memory only until MongoDB answers again.")
-        else:
-            self.problems.clear("store", "Heartbeats are stored in MongoDB again.")
+        self._wakeup.set()
         return stored
+
+    def flush(self) -> int:
+        """Write the heartbeats received since the last flush to MongoDB; return how many were written.
+
+        On failure they stay unsaved for the next flush, and the problem is logged once.
+        """
+        with self._lock:
+            machines = sorted(self._unsaved)
+            self._unsaved.clear()
+            documents = [self._latest[machine].to_document() for machine in machines]
+        if not documents:
+            return 0
+
+        writes = [pymongo.ReplaceOne({"_id": document["_id"]}, document, upsert=True) for document in documents]
+        try:
+            self.collection.bulk_write(writes, ordered=False)
+        except pymongo.errors.PyMongoError as error:
+            with self._lock:
+                self._unsaved.update(machines)
+            self.problems.report("store", f"Cannot store heartbeats in MongoDB ({error}); keeping them in "
+                                          "memory and retrying every second.")
+            return 0
+        self.problems.clear("store", "Heartbeats are stored in MongoDB again.")
+        return len(documents)
+
+    def start(self, stop: threading.Event) -> None:
+        """Start the thread that flushes heartbeats to MongoDB until STOP is set, then flushes once more."""
+        def run() -> None:
+            while not stop.is_set():
+                self._wakeup.wait(FLUSH_INTERVAL_S)
+                self._wakeup.clear()
+                self.flush()
+                stop.wait(FLUSH_INTERVAL_S)
+            self.flush()
+
+        self.thread = threading.Thread(target=run, name="heartbeat-writer", daemon=True)
+        self.thread.start()
 
     def count_rejection(self, reason: str) -> None:
         """Count one rejected heartbeat under REASON, for the metrics."""

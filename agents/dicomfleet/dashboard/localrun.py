@@ -35,11 +35,12 @@ def _write_secret(folder: Path, name: str, value: str) -> Path:
 
 def write_dashboard_config(site: Site, folder: Path, secrets: credentials.SiteSecrets, mongodb_uri: str,
                            port: int | None = None, database: str = "dicomfleet",
-                           server: OrthancServer | None = None) -> Path:
+                           server: OrthancServer | None = None, settings: dict | None = None) -> Path:
     """Render SERVER's dashboard.toml for a local run on 127.0.0.1 and return its path.
 
     Secrets are written under FOLDER/dashboard-secrets and named with the
     ``*_file`` keys; the Orthanc URL is the local Orthanc's loopback port.
+    SETTINGS are further keys of the [dashboard] table, such as activity_refresh_s.
     """
     server = server or next(iter(site.servers.values()))
     context = render.server_context(site, server, secrets)
@@ -63,6 +64,8 @@ def write_dashboard_config(site: Site, folder: Path, secrets: credentials.SiteSe
         if line.startswith("login = "):
             lines.append(f"login_password_file = {json.dumps(str(login_file))}")
             lines.append(f"session_key_file = {json.dumps(str(key_file))}")
+            for key, value in (settings or {}).items():
+                lines.append(f"{key} = {json.dumps(value)}")
         elif line == 'credential = "orthanc-dashboard"':
             lines.append(f"password_file = {json.dumps(str(orthanc_file))}")
     path = folder / f"dashboard-{server.host}.toml"

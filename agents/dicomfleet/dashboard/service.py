@@ -23,7 +23,8 @@ from dicomfleet.dashboard.app import Runtime, create_app
 from dicomfleet.dashboard.config import ConfigError, DashboardConfig, load_config, read_secret
 from dicomfleet.dashboard.heartbeats import HeartbeatBook
 from dicomfleet.dashboard.orthanc import OrthancClient, OrthancWatch, PreviewCache
-from dicomfleet.dashboard.studies import LastStudyScanner, StudyIndex
+from dicomfleet.dashboard import fleet
+from dicomfleet.dashboard.studies import ActivityWatch, LastStudyScanner, StudyIndex
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,20 @@ def build_runtime(config: DashboardConfig, client: pymongo.MongoClient, stop: th
     orthanc_client = OrthancClient(config.orthanc, orthanc_password)
     watch = OrthancWatch(orthanc_client, database, stop)
     scanner = LastStudyScanner(studies, stop)
+    activity = None
+    if config.activity_refresh_s > 0:
+        activity = ActivityWatch(studies, lambda: fleet.day_start(fleet.local_now(config)), stop,
+                                 config.activity_refresh_s)
     if start_threads:
+        book.start(stop)
         watch.start()
         scanner.start()
+        if activity is not None:
+            activity.start()
 
     return Runtime(config=config, guard=auth.LoginGuard(config.login, password), session_key=session_key,
-                   book=book, studies=studies, orthanc=watch, previews=PreviewCache(orthanc_client))
+                   book=book, studies=studies, orthanc=watch, previews=PreviewCache(orthanc_client),
+                   activity=activity)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -126,6 +135,8 @@ def main(args: list[str] | None = None) -> int:
         server.run()
     finally:
         stop.set()
+        if runtime.book.thread is not None:
+            runtime.book.thread.join(timeout=10)
         client.close()
     log.info("dicomfleet dashboard stopped.")
     return 0

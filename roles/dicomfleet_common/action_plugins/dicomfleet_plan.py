@@ -11,6 +11,7 @@ import dataclasses
 import fcntl
 import fnmatch
 import hashlib
+import posixpath
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -58,15 +59,23 @@ class Component:
 
     name: str
     unit: str
+    # System users the role creates.
     users: tuple[str, ...] = ()
     # fnmatch patterns of the Debian packages the role installs.
     packages: tuple[str, ...] = ()
+    # Users that a Debian package creates, whose folders the role creates too.
+    package_users: tuple[str, ...] = ()
+
+    def owns(self, directory: render.ManagedDirectory) -> bool:
+        """Return True when DIRECTORY belongs to one of the role's users."""
+        users = self.users + self.package_users
+        return directory.owner in users or directory.group in users
 
 
 # One entry per component role, roles/dicomfleet_NAME. A component that gets
 # its own role adds its line here, and its items leave dicomfleet_other.
 COMPONENTS = (
-    Component("orthanc", "orthanc.service", packages=("orthanc", "orthanc-*")),
+    Component("orthanc", "orthanc.service", packages=("orthanc", "orthanc-*"), package_users=("orthanc",)),
     Component("mongodb", "dicomfleet-mongodb.service", users=(render.MONGODB_USER,)),
     Component("sync", "dicomfleet-sync.service", users=(render.SYNC_USER,)),
     Component("agent", "dicomfleet-agent.service", users=(render.AGENT_USER,)),
@@ -223,8 +232,32 @@ def secrets_folder(site: Site, secrets_dir: str) -> Path:
 # Plan ---------------------------------------------------------------------------------
 
 
+# HostPlan fields that split_plan hands to the roles; any other field fails the
+# plan, so a field that render.py gains is never dropped without notice.
+KNOWN_PLAN_FIELDS = frozenset({
+    "host", "address", "roles", "users", "directories", "files", "services", "apt_packages",
+    "needs_venv", "removed_paths", "commands",
+})
+PART_KEYS = ("packages", "users", "directories", "files", "services", "removed_paths", "commands")
+
+# The mode of a folder that pyinfra's files.put creates with `mkdir -p` for a
+# missing parent folder, under the usual umask 022.
+PARENT_MODE = "0755"
+
+
 def _empty_component() -> dict[str, Any]:
-    return {"present": False, "packages": [], "users": [], "directories": [], "files": [], "services": []}
+    part: dict[str, Any] = {key: [] for key in PART_KEYS}
+    part["present"] = False
+    return part
+
+
+def check_plan_fields(plan: render.HostPlan) -> None:
+    """Raise PlanError when PLAN has a filled field that the roles do not deploy."""
+    unknown = [field.name for field in dataclasses.fields(plan)
+               if field.name not in KNOWN_PLAN_FIELDS and getattr(plan, field.name)]
+    if unknown:
+        raise PlanError(f"The plan of host {plan.host} has {', '.join(unknown)}, which the Ansible roles do "
+                        f"not deploy yet; teach split_plan in {Path(__file__).name} and a role to deploy it.")
 
 
 def _claimed_by(predicate) -> str | None:
@@ -236,8 +269,9 @@ def split_plan(plan: render.HostPlan) -> dict[str, dict[str, Any]]:
 
     A component role gets its unit, the files that restart only that unit,
     its users, the folders they own and its packages. Other folders owned by
-    root go to dicomfleet_common; everything else goes to dicomfleet_other, so
-    an item that render.py gains reaches hosts before it has a role of its own.
+    root go to dicomfleet_common. Everything else, removed paths and commands
+    included, goes to dicomfleet_other, so an item that render.py gains reaches
+    hosts before it has a role of its own.
     """
     parts = {component.name: _empty_component() for component in COMPONENTS}
     parts[COMMON] = _empty_component()
@@ -252,7 +286,7 @@ def split_plan(plan: render.HostPlan) -> dict[str, dict[str, Any]]:
         parts[owner or OTHER]["users"].append(user)
 
     for directory in plan.directories:
-        owner = _claimed_by(lambda c: directory.owner in c.users or directory.group in c.users)
+        owner = _claimed_by(lambda c: c.owns(directory))
         if owner is None:
             owner = COMMON if (directory.owner, directory.group) == ("root", "root") else OTHER
         parts[owner]["directories"].append(dataclasses.asdict(directory))
@@ -269,13 +303,40 @@ def split_plan(plan: render.HostPlan) -> dict[str, dict[str, Any]]:
         owner = _claimed_by(lambda c: c.unit == unit)
         parts[owner or OTHER]["services"].append(unit)
 
+    # dicomfleet_other runs last, so it removes paths and runs commands after
+    # every role has put its files in place, as pyinfra_deploy does.
+    for removed in plan.removed_paths:
+        parts[OTHER]["removed_paths"].append({"path": removed.path, "restarts": list(removed.restarts)})
+
+    for command in plan.commands:
+        parts[OTHER]["commands"].append({"name": command.name, "command": command.command,
+                                         "after_changes": list(command.after_changes)})
+
+    planned = {directory.path for directory in plan.directories}
     for part in parts.values():
-        part["present"] = any(part[key] for key in ("packages", "users", "directories", "files", "services"))
+        part["parents"] = parent_folders(part["files"], planned)
+        part["present"] = any(part[key] for key in PART_KEYS)
     if parts[OTHER]["present"]:
         display.vv(f"dicomfleet: dicomfleet_other deploys on {plan.host}: services "
                    f"{', '.join(parts[OTHER]['services']) or 'none'}, "
                    f"{len(parts[OTHER]['files'])} files")
     return parts
+
+
+def parent_folders(files: list[dict[str, Any]], planned: set[str]) -> list[dict[str, str]]:
+    """Return the folders of FILES that are not among the PLANNED folders, shallowest first.
+
+    pyinfra's files.put creates such a folder when it is missing and gives it
+    the owner and group of the first file put there; the roles do the same.
+    """
+    parents: dict[str, dict[str, str]] = {}
+    for managed in files:
+        folder = posixpath.dirname(managed["path"])
+        if folder in planned or folder in parents or folder in ("", "/"):
+            continue
+        parents[folder] = {"path": folder, "owner": managed["owner"], "group": managed["group"],
+                           "mode": PARENT_MODE}
+    return [parents[folder] for folder in sorted(parents)]
 
 
 def _sha1(path: Path) -> str:
@@ -327,6 +388,7 @@ def venv_plan(plan: render.HostPlan, source: Path) -> dict[str, Any]:
 def host_plan(site: Site, host: str, secrets: credentials.SiteSecrets, wheels: Path) -> dict[str, Any]:
     """Return the plan of HOST as plain data for the roles."""
     plan = render.plan_host(site, host, secrets)
+    check_plan_fields(plan)
     lab_host = bool(site.hosts[host].vars.get("dicomfleet_lab"))
     return {
         "host": plan.host,
@@ -397,7 +459,7 @@ class ActionModule(ActionBase):
             with site_lock(site):
                 secrets = self._secrets(site, arguments)
                 for host in render.deployed_hosts(site):
-                    render.plan_host(site, host, secrets)
+                    check_plan_fields(render.plan_host(site, host, secrets))
             generated.extend(f"{site.name}/{name}" for name in secrets.generated)
             summary.append({"site": site.name, "inventory": str(site.path),
                             "hosts": render.deployed_hosts(site)})
