@@ -10,8 +10,9 @@ PYTEST_ARGS ?=
 # Debian packages the control machine needs: Orthanc and DCMTK for tests and
 # benchmarks, systemd-nspawn and debootstrap for the lab hosts, ssh for deploys,
 # chromium for the dashboard's browser tests and prometheus for promtool, which
-# checks the rendered alert rules.
-APT_PACKAGES := orthanc dcmtk systemd-container debootstrap openssh-client sqlite3 curl chromium prometheus openssl
+# checks the rendered alert rules; nft checks the rendered firewall rules and
+# postgresql-common's unit files let the tests score the PostgreSQL sandbox.
+APT_PACKAGES := orthanc dcmtk systemd-container debootstrap openssh-client sqlite3 curl chromium prometheus openssl nftables postgresql-common
 
 .PHONY: help deps venv lab-up lab-down deploy demo test bench clean
 

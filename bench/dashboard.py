@@ -37,9 +37,9 @@ INSERT_BATCH = 5000
 class FleetPageResult:
     """Latencies of the fleet page, in milliseconds, with the size of the site behind them.
 
-    ``p95_ms`` is the dashboard as deployed, reading study counts that a
-    background thread aggregates every few seconds; ``per_page_p95_ms`` runs
-    that aggregation inside every page request instead.
+    ``p95_ms`` measures the dashboard as deployed, which reads study counts that
+    a background thread aggregates every few seconds. ``per_page_p95_ms``
+    measures it with that aggregation run inside every page request instead.
     """
 
     machines: int

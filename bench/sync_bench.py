@@ -207,26 +207,21 @@ def upload_studies(archive: BenchArchive, count: int, workers: int = 4) -> list[
     return study_ids
 
 
-def count_stable_studies(archive: BenchArchive) -> int:
-    """Return how many StableStudy changes Orthanc's feed holds, reading it from the start."""
+def wait_until_stable(archive: BenchArchive, count: int, timeout: float) -> bool:
+    """Wait until Orthanc's change feed holds COUNT StableStudy changes, reading each change once."""
+    deadline = time.monotonic() + timeout
     since = 0
     stable = 0
     while True:
         page = archive.changes(since, limit=5000)
         stable += sum(1 for change in page["Changes"] if change["ChangeType"] == "StableStudy")
         since = page["Last"]
-        if page["Done"]:
-            return stable
-
-
-def wait_until_stable(archive: BenchArchive, count: int, timeout: float) -> bool:
-    """Wait until Orthanc reported COUNT studies stable."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if count_stable_studies(archive) >= count:
+        if stable >= count:
             return True
-        time.sleep(1.0)
-    return False
+        if time.monotonic() > deadline:
+            return False
+        if page["Done"]:
+            time.sleep(1.0)
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ LARGE_PIXEL_BYTES = LARGE_ROWS * LARGE_COLUMNS * LARGE_FRAMES * 2
 # The test's bound on the agent's peak resident memory (VmHWM) while it sends the 2 GB file.
 MAX_AGENT_PEAK_RSS_KB = 150 * 1024
 BACKLOG_FILES = 1000
-KILLS = 4
+KILLS = 3
 
 
 @pytest.fixture(scope="module")

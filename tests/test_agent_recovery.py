@@ -175,7 +175,7 @@ def test_agent_retries_unreadable_file(site):
 
 def test_agent_rejects_archive_without_folder(site):
     config = site.write_config()
-    config.write_text(config.read_text().replace('transport = "rest"', 'transport = "rest"\nafter_send = "archive"'))
+    config.write_text(config.read_text().replace('after_send = "keep"', 'after_send = "archive"'))
 
     process = AgentProcess(config, site.log_path)
     status = process.process.wait(timeout=20)

@@ -94,6 +94,22 @@ def test_share_machine_hosts_get_no_agent(tmp_path):
     assert "ct2" not in render.deployed_hosts(site)
 
 
+def test_share_cstore_registered_with_fileserver_address(tmp_path):
+    document = _share_document(Path("/srv/share"))
+    _machines(document)["ct2"]["dicomfleet_transport"] = "cstore"
+    site = load_site(_write(tmp_path, document))
+    secrets = credentials.ensure_secrets(site, tmp_path / "secrets")
+
+    plan = render.plan_host(site, "central", secrets)
+    orthanc_json = next(f for f in plan.files if f.path == "/etc/orthanc/orthanc.json")
+    modalities = json.loads(orthanc_json.content)["DicomModalities"]
+
+    # The file server's agent sends the C-STOREs, so Orthanc must accept CT_ROOM2 from its address.
+    assert modalities["ct2"]["AET"] == "CT_ROOM2"
+    assert modalities["ct2"]["Host"] == "127.0.0.1"
+    assert "ct3" not in modalities
+
+
 def test_share_host_missing_rejected(tmp_path):
     document = _share_document(Path("/srv/share"))
     del _machines(document)["ct2"]["dicomfleet_share_host"]

@@ -1,8 +1,9 @@
 """The archive deployed on lab hosts: hardened units, TLS, users, secrets, the cluster, backups.
 
-One deploy puts the site ``archlab`` (tests/test_archive_support.py) on four lab
+One deploy puts the site ``archlab`` (tests/test_archive_support.py) on five lab
 hosts: a standalone Orthanc with plugins, two cluster nodes sharing PostgreSQL and
-a storage folder, and the host with PostgreSQL and the balancer. The tests run in
+a storage folder, the host with PostgreSQL and the balancer, and a file server
+running the agent of the share machines. The tests run in
 file order: the last ones change the inventory. Firewall rules are rendered and
 syntax-checked but never loaded, because lab hosts share this machine's network.
 """
@@ -167,7 +168,9 @@ def test_unit_exposure_at_most_2(deployed, host, unit):
 
 
 def test_debian_orthanc_unit_unsafe_without_drop_in(deployed):
-    output = lab.ssh(VAULT, "systemd-analyze security --offline=yes /lib/systemd/system/orthanc.service").stdout
+    # Under another name, the unit is analysed without the drop-in the deploy added.
+    output = lab.ssh(VAULT, "cp /lib/systemd/system/orthanc.service /tmp/orthanc-debian.service && "
+                            "systemd-analyze security --offline=yes /tmp/orthanc-debian.service").stdout
     score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", output).group(1))
     _save_artifact("archive-security-scores.json", {"vault orthanc.service without the drop-in": score})
     assert score > 9.0
@@ -214,7 +217,7 @@ def test_balancer_without_credentials_401(deployed):
 
 SCAN_SCRIPT = r'''
 import grp, json, os, pwd, stat, subprocess, sys
-SECRETS = json.loads(sys.stdin.readline())
+SECRETS = json.loads(SECRETS_JSON)
 ROOTS = ("/etc", "/var", "/opt", "/srv", "/run", "/root", "/home", "/tmp", "/usr/local")
 own = {os.getpid(), os.getppid()}
 found = {"cmdline": [], "environ": [], "files": [], "journal": []}
@@ -278,14 +281,16 @@ def _site_secrets(deployed) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def secret_scan(deployed):
-    """Scan every host for the site's secrets; the secrets travel on ssh's standard input only."""
-    secrets = _site_secrets(deployed)
+    """Scan every host for the site's secrets.
+
+    The scanning program and the secrets travel on ssh's standard input, which
+    ``python3 -`` reads, so no command line carries a secret.
+    """
+    program = f"SECRETS_JSON = {json.dumps(json.dumps(_site_secrets(deployed)))}\n" + SCAN_SCRIPT
     results = {}
     for host, address in HOSTS.items():
-        command = ["ssh", *lab.ssh_options(), f"root@{address}", "python3 -c \"$(cat /dev/fd/3)\" 3<<'EOF'\n"
-                   + SCAN_SCRIPT + "\nEOF"]
-        result = subprocess.run(command, input=json.dumps(secrets) + "\n", capture_output=True, text=True,
-                                timeout=300)
+        command = ["ssh", *lab.ssh_options(), f"root@{address}", "python3 -"]
+        result = subprocess.run(command, input=program, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         results[host] = json.loads(result.stdout)
     return results
@@ -479,8 +484,10 @@ def test_vault_index_backup_restarts_orthanc(deployed):
 
 def test_vault_storage_snapshot(deployed):
     lab.ssh(VAULT, "systemctl start dicomfleet-backup-storage.service")
-    manifests = lab.ssh(VAULT, "cat /var/backups/dicomfleet/storage/*.json").stdout
-    assert json.loads(manifests)["files"] == 1
+    snapshot = json.loads(lab.ssh(VAULT, "cat /var/backups/dicomfleet/storage/*.json").stdout)
+    index = json.loads(lab.ssh(VAULT, "cat /var/backups/dicomfleet/index/*.json").stdout)
+    listing = lab.ssh(VAULT, "find /var/backups/dicomfleet/storage -type f").stdout
+    assert snapshot["files"] == index["attachments"], listing
 
 
 def test_cluster_restore_from_pg_dump(deployed, cluster_run):
@@ -524,7 +531,7 @@ def test_retired_machine_loses_access(deployed):
     result = deployment.deploy(retired, capture=True)
     assert result.returncode == 0, result.stdout[-3000:]
 
-    # The deploy restarted Orthanc; nginx answers 502 until Orthanc listens again.
+    # The deploy restarted Orthanc; nginx returns 502 until Orthanc listens again.
     after = wait_for(lambda: _get(deployed, f"{VAULT_URL}/system", auth=auth).status_code != 502 and
                      _get(deployed, f"{VAULT_URL}/system", auth=auth).status_code, 60,
                      what="Orthanc to answer after the deploy")

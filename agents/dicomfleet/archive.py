@@ -1,4 +1,4 @@
-"""What the deploy adds to the archive's hosts: Orthanc's plugins and sandbox, nginx, firewall, backups.
+"""Additions the deploy makes to the archive's hosts: Orthanc's plugins and sandbox, nginx, firewall, backups.
 
 render.plan_host calls ``plan_central`` for each central host, ``plan_agent`` for
 each host that runs the agent and ``plan_cluster_services`` for every host. Each
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from dicomfleet import backup_units, credentials, firewall, netplan, postgresql, proxy, render, tls
+from dicomfleet import archive_checks, backup_units, credentials, firewall, netplan, postgresql, proxy, render, tls
 from dicomfleet import cluster as clusters
 from dicomfleet.inventory import Machine, OrthancServer, Site
 
@@ -21,17 +21,12 @@ ORTHANC_HOME = "/var/lib/orthanc"
 WEBVIEWER_CACHE = f"{ORTHANC_HOME}/webviewer-cache"
 NETWORK_PLAN = "/etc/dicomfleet/network-plan.md"
 
-# Orthanc plugins from Debian's packages that the inventory may ask for, with
-# the configuration file each package ships (replaced, so no section is defined twice).
-PLUGIN_PACKAGES = {
-    "orthanc-dicomweb": "/etc/orthanc/dicomweb.json",
-    "orthanc-webviewer": "/etc/orthanc/webviewer.json",
-    "orthanc-gdcm": "/etc/orthanc/gdcm.json",
-}
+# The configuration file each plugin package ships, which the deploy replaces so no section is defined twice.
+PLUGIN_PACKAGES = archive_checks.PLUGIN_PACKAGES
 
 
 def requested_plugins(server: OrthancServer) -> list[str]:
-    """Return the Debian plugin packages SERVER asks for (``dicomfleet_orthanc_plugin_packages``)."""
+    """Return the Debian plugin packages SERVER requests (``dicomfleet_orthanc_plugin_packages``)."""
     return [str(name) for name in server.vars.get("dicomfleet_orthanc_plugin_packages") or []]
 
 

@@ -13,7 +13,12 @@ from typing import Any, Callable
 from dicomfleet import cluster, firewall
 from dicomfleet.inventory import CENTRAL_GROUP, RawInventory
 
-PLUGIN_PACKAGES = ("orthanc-dicomweb", "orthanc-webviewer", "orthanc-gdcm")
+# Orthanc plugins from Debian's packages that dicomfleet configures, with the configuration file each ships.
+PLUGIN_PACKAGES = {
+    "orthanc-dicomweb": "/etc/orthanc/dicomweb.json",
+    "orthanc-webviewer": "/etc/orthanc/webviewer.json",
+    "orthanc-gdcm": "/etc/orthanc/gdcm.json",
+}
 TLS_FILES = ("dicomfleet_tls_certificate", "dicomfleet_tls_key", "dicomfleet_tls_ca_certificate")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")

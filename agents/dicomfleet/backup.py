@@ -1,9 +1,9 @@
 """Back up Orthanc's index and storage into a backup folder, keeping a number of copies.
 
 ``dicomfleet backup index`` copies the SQLite index with SQLite's backup API, or
-dumps the PostgreSQL index of a cluster with ``pg_dump``; ``dicomfleet backup
-storage`` snapshots the storage folder, hard-linking files unchanged since the last
-snapshot. The systemd timers rendered from templates/dicomfleet-backup-*.j2 run them.
+dumps a cluster's PostgreSQL index with ``pg_dump``. ``dicomfleet backup storage``
+snapshots the storage folder and hard-links the files that did not change since the
+last snapshot. The systemd timers rendered from templates/dicomfleet-backup-*.j2 run both.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ PARTIAL = ".partial"
 
 
 class BackupError(Exception):
-    """Raised when a backup or a restore cannot be made; the message says what to do."""
+    """Raised when a backup or a restore cannot be made; the message names what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
 class PostgreSQLIndex:
-    """Where a cluster's PostgreSQL index lives and how to log in to it."""
+    """The location of a cluster's PostgreSQL index and the login to it."""
 
     host: str
     port: int
@@ -291,11 +291,11 @@ def backup_index(config: BackupConfig, name: str | None = None) -> Path:
     """Back up Orthanc's index, then keep only the newest ``index.keep`` backups; return the new one."""
     name = name or timestamp()
     if config.index_kind == INDEX_SQLITE:
-        made = backup_sqlite_index(config, name)
+        backup_path = backup_sqlite_index(config, name)
     else:
-        made = backup_postgresql_index(config, name)
+        backup_path = backup_postgresql_index(config, name)
     _prune(complete_backups(config.index_folder, config.index_suffix), config.index_keep, "index")
-    return made
+    return backup_path
 
 
 # Storage -------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def backup_storage(config: BackupConfig, name: str | None = None) -> Path:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomfleet backup", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("index", "storage"),
+    parser.add_argument("part", choices=("index", "storage"),
                         help="index: Orthanc's database; storage: the stored DICOM files")
     parser.add_argument("--config", required=True, help="backup configuration (TOML), "
                         "for example /etc/dicomfleet/backup.toml")
@@ -394,7 +394,7 @@ def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=options.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(options.config)
-        if options.what == "index":
+        if options.part == "index":
             backup_index(config)
         else:
             backup_storage(config)

@@ -31,7 +31,7 @@ import requests
 from pydicom.uid import generate_uid
 
 from dicomfleet import credentials, demo
-from dicomfleet.inventory import INGEST_DICOM, INGEST_SHARE, InventoryError, Machine, Site, load_site
+from dicomfleet.inventory import INGEST_DICOM, InventoryError, Machine, Site, load_site
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ class Checker:
         self.mongodb = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=True)
         database = str(self.server.vars.get("dicomfleet_mongodb_database", "dicomfleet"))
         self.studies = self.mongodb[database]["studies"]
+        # The host whose agent watches the machine's folders: its own, or the file server of a share.
+        self.agent_host = machine.agent_host or machine.host
         self.image: TestImage | None = None
         self.dropped_path: str | None = None
         self.orthanc_study_id: str | None = None
@@ -174,20 +176,15 @@ class Checker:
             return StepResult(name, FAIL, f"Orthanc's C-ECHO to {self.machine.ae_title} at {self.machine.address} "
                                           f"failed (HTTP {answer.status_code}); is the machine on and registered?")
 
-        if self.machine.ingest == INGEST_SHARE:
-            # NOTE: share machines write to a file server whose agent the inventory does not name yet.
-            return StepResult(name, SKIP, "the machine writes to a network share; the file server's agent "
-                                          "sends its files")
-
         arguments = " ".join(shlex.quote(value) for value in
                              (self.server.url, self.machine.orthanc_username, self.password_file))
         try:
-            output = run_on_host(self.site, self.machine.host, f"python3 - {arguments}",
+            output = run_on_host(self.site, self.agent_host, f"python3 - {arguments}",
                                  _REACH_SCRIPT.encode())
         except (RuntimeError, subprocess.TimeoutExpired) as error:
-            return StepResult(name, FAIL, f"{self.machine.host} cannot reach {self.server.url} as user "
+            return StepResult(name, FAIL, f"{self.agent_host} cannot reach {self.server.url} as user "
                                           f"{self.machine.orthanc_username}: {error}")
-        return StepResult(name, PASS, f"{self.machine.host} reached {self.server.url} as user "
+        return StepResult(name, PASS, f"{self.agent_host} reached {self.server.url} as user "
                                       f"{self.machine.orthanc_username} ({output.strip()})")
 
     def drop_image(self) -> StepResult:
@@ -197,20 +194,17 @@ class Checker:
         if self.machine.ingest == INGEST_DICOM:
             return StepResult(name, SKIP, "the machine sends C-STORE itself; send a test image from its console "
                                           f"with patient name {TEST_PATIENT_NAME} to check its path")
-        if self.machine.ingest == INGEST_SHARE:
-            return StepResult(name, SKIP, "the machine writes to a network share; copy a test image with patient "
-                                          f"name {TEST_PATIENT_NAME} into its share folder from the machine")
 
         folder = self.machine.watch_folders[0]
         final = f"{folder.rstrip('/')}/{self.image.file_name}"
         partial = f"{folder.rstrip('/')}/.{self.image.file_name}.part"
         script = f"cat > {shlex.quote(partial)} && mv {shlex.quote(partial)} {shlex.quote(final)}"
         try:
-            run_on_host(self.site, self.machine.host, script, self.image.data)
+            run_on_host(self.site, self.agent_host, script, self.image.data)
         except (RuntimeError, subprocess.TimeoutExpired) as error:
-            return StepResult(name, FAIL, f"cannot write into {self.machine.host}:{folder}: {error}")
+            return StepResult(name, FAIL, f"cannot write into {self.agent_host}:{folder}: {error}")
         self.dropped_path = final
-        return StepResult(name, PASS, f"{self.machine.host}:{final} (Study Instance UID "
+        return StepResult(name, PASS, f"{self.agent_host}:{final} (Study Instance UID "
                                       f"{self.image.study_instance_uid})")
 
     def _lookup_instance(self) -> str | None:
@@ -237,7 +231,7 @@ class Checker:
         if instance_id is None:
             return StepResult(name, FAIL, f"Orthanc did not receive SOP Instance UID {self.image.sop_instance_uid} "
                                           f"within {self.timeout:.0f} s; read 'journalctl -u dicomfleet-agent' "
-                                          f"on {self.machine.host}")
+                                          f"on {self.agent_host}")
 
         instance = self.session.get(f"{self.server.url}/instances/{instance_id}", timeout=10).json()
         self.orthanc_study_id = self.session.get(f"{self.server.url}/series/{instance['ParentSeries']}",
@@ -290,7 +284,7 @@ class Checker:
         problems = []
         done = []
         try:
-            run_on_host(self.site, self.machine.host, f"rm -f {shlex.quote(self.dropped_path)}")
+            run_on_host(self.site, self.agent_host, f"rm -f {shlex.quote(self.dropped_path)}")
             done.append("watch folder")
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             problems.append(f"cannot remove {self.dropped_path}: {error}")

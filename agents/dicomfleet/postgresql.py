@@ -1,4 +1,4 @@
-"""The PostgreSQL server that holds the shared index of Orthanc clusters, and the nodes' login to it.
+"""The PostgreSQL server with the shared index of Orthanc clusters, and the nodes' login to it.
 
 Each cluster gets its own role and database on the host named by
 ``dicomfleet_postgresql_host``. The role's password is generated with the site's
@@ -47,14 +47,15 @@ def password(cluster: clusters.Cluster, secrets: credentials.SiteSecrets) -> str
     return secrets._read_or_make(cluster.password_secret)
 
 
-def scram_verifier(secret: str) -> str:
+def scram_verifier(secret: str, salt: bytes | None = None) -> str:
     """Return the SCRAM-SHA-256 verifier of SECRET in PostgreSQL's format (RFC 5802 and RFC 7677).
 
-    The salt is derived from the secret itself, so the verifier, and the file
-    that carries it, stays the same from one deploy to the next.
+    Without SALT, the salt is derived from the secret itself, so the verifier,
+    and the file that carries it, stays the same from one deploy to the next.
     """
     data = secret.encode("utf-8")
-    salt = hmac.new(data, b"dicomfleet postgresql salt", hashlib.sha256).digest()[:16]
+    if salt is None:
+        salt = hmac.new(data, b"dicomfleet postgresql salt", hashlib.sha256).digest()[:16]
     salted = hashlib.pbkdf2_hmac("sha256", data, salt, SCRAM_ITERATIONS)
     client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
     stored_key = hashlib.sha256(client_key).digest()

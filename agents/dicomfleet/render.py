@@ -16,6 +16,7 @@ import jinja2
 from dicomfleet import credentials
 from dicomfleet.inventory import (
     INGEST_DICOM,
+    INGEST_SHARE,
     TRANSPORT_CSTORE,
     Machine,
     OrthancServer,
@@ -166,6 +167,14 @@ def orthanc_users(site: Site, server: OrthancServer, secrets: credentials.SiteSe
     return users
 
 
+def _as_dicom_sender(site: Site, machine: Machine) -> Machine:
+    """Return MACHINE with the address its C-STOREs come from: a share machine's file server sends them."""
+    if machine.ingest != INGEST_SHARE or not machine.agent_host or machine.agent_host not in site.hosts:
+        return machine
+    address = str(site.hosts[machine.agent_host].vars.get("ansible_host", machine.agent_host))
+    return dataclasses.replace(machine, address=address)
+
+
 def server_context(site: Site, server: OrthancServer, secrets: credentials.SiteSecrets) -> dict:
     """Return the template variables of a central host."""
     data = server.vars
@@ -183,7 +192,8 @@ def server_context(site: Site, server: OrthancServer, secrets: credentials.SiteS
         "orthanc": orthanc_settings(site, server),
         "orthanc_users": orthanc_users(site, server, secrets),
         "orthanc_public_url": str(data.get("dicomfleet_orthanc_public_url", server.url)),
-        "dicom_machines": [m for m in machines if m.ingest == INGEST_DICOM or m.transport == TRANSPORT_CSTORE],
+        "dicom_machines": [_as_dicom_sender(site, m) for m in machines
+                           if m.ingest == INGEST_DICOM or m.transport == TRANSPORT_CSTORE],
         "machines": machines,
         "sync_user": credentials.SYNC_USER,
         "mongodb_bind": mongodb_bind,

@@ -27,10 +27,13 @@ class FileDigests:
     md5: str
 
 
-def file_digests(path: str, md5_from: int = 0) -> FileDigests:
-    """Return the SHA-256 of the file PATH and the MD5 of its bytes from MD5_FROM on, in one read."""
+def file_digests(path: str, md5_from: int | None = 0) -> FileDigests:
+    """Return the SHA-256 of the file PATH and the MD5 of its bytes from MD5_FROM on, in one read.
+
+    With MD5_FROM None no MD5 is computed, and ``md5`` is empty.
+    """
     sha256 = hashlib.sha256()
-    md5 = hashlib.md5()
+    md5 = hashlib.md5() if md5_from is not None else None
     position = 0
     with open(path, "rb") as handle:
         while True:
@@ -38,10 +41,10 @@ def file_digests(path: str, md5_from: int = 0) -> FileDigests:
             if not data:
                 break
             sha256.update(data)
-            if position + len(data) > md5_from:
+            if md5 is not None and position + len(data) > md5_from:
                 md5.update(data[max(0, md5_from - position):])
             position += len(data)
-    return FileDigests(sha256.hexdigest(), md5.hexdigest())
+    return FileDigests(sha256.hexdigest(), md5.hexdigest() if md5 is not None else "")
 
 
 class VerificationFailed(Exception):

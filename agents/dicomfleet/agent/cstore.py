@@ -17,7 +17,6 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.presentation import build_context
 from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 CONNECT_TIMEOUT_S = 10.0
-# Orthanc answers a C-STORE only after it stored and indexed the instance.
+# Orthanc sends the C-STORE response only after it stored and indexed the instance.
 DIMSE_TIMEOUT_S = 300.0
 NETWORK_TIMEOUT_S = 300.0
 # Orthanc closes an association idle for DicomScpTimeout (30 s by default), so an
@@ -48,8 +47,8 @@ WARNING_STATUSES = {
 STATUS_NOT_AUTHORIZED = 0x0124
 
 # Association reject (PS3.8 9.3.4), result source "service user", reason 3: the calling
-# AE title is not recognized. Orthanc 1.10.1 answers this way when the calling AE title and
-# address are not in its DicomModalities, whatever the reject result (1 permanent, 2 transient).
+# AE title is not recognized. Orthanc 1.10.1 rejects this way when the calling AE title and
+# address are not in its DicomModalities; the reject result (1 permanent, 2 transient) does not matter here.
 REJECT_SOURCE_SERVICE_USER = 1
 REJECT_REASON_CALLING_AE = 3
 

@@ -2,7 +2,7 @@
 
 Each worker thread keeps one keep-alive requests.Session and, for C-STORE machines,
 one association per machine. A file is marked sent only once Orthanc stored it and
-the instance carries its SourceMachine metadata; archive and delete follow only
+the instance carries its SourceMachine metadata. Archive and delete follow only
 after Orthanc's stored copy is verified.
 """
 
@@ -33,7 +33,7 @@ SPOOL_RETRY_S = 5.0
 # stayed unchanged this long, or quiet_time_s when that is longer, so a paused writer keeps its file.
 GROWING_QUIET_S = 30.0
 # Orthanc 1.10.1 returns C-STORE status 0xC000 "cannot understand" for a data set it cannot
-# parse, but also for other errors while storing; a file is quarantined after this many.
+# parse, but also for other errors while storing. So a file is quarantined only after this many.
 CANNOT_UNDERSTAND_ATTEMPTS = 3
 
 
@@ -69,14 +69,19 @@ class Sender:
 
     def start(self) -> None:
         """Start the worker threads, and one that finishes the after-send policy of files sent before a stop."""
+        # Read before the workers start, so the list holds only files that no worker is handling.
+        policy_machines = [machine.id for machine in self.config.machines if machine.after_send != AFTER_SEND_KEEP]
+        unverified = self.spool.sent_unverified(policy_machines)
+
         for number in range(1, self.config.workers + 1):
             thread = threading.Thread(target=self._run, name=f"sender-{number}", daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("Started %d upload workers.", len(self._threads))
 
-        if any(machine.after_send != AFTER_SEND_KEEP for machine in self.config.machines):
-            thread = threading.Thread(target=self._finish_unverified, name="after-send", daemon=True)
+        if unverified:
+            thread = threading.Thread(target=self._finish_unverified, args=(unverified,), name="after-send",
+                                      daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -249,7 +254,8 @@ class Sender:
         try:
             if machine.transport == TRANSPORT_CSTORE:
                 syntax = cstore.read_syntax(path)
-            digests = aftersend.file_digests(path, syntax.dataset_offset if syntax else 0)
+            # A REST upload hashes its MD5 from the bytes on the wire, so only C-STORE needs it here.
+            digests = aftersend.file_digests(path, syntax.dataset_offset if syntax else None)
         except cstore.FileRejected as error:
             breaker.end_without_response()
             self._quarantine(record, machine, f"cannot be sent with C-STORE: {error}")
@@ -258,7 +264,6 @@ class Sender:
             breaker.end_without_response()
             self._report_unreadable(record, machine, error)
             return
-        self.spool.set_sha256(record.id, digests.sha256)
 
         if syntax is not None:
             self._send_cstore(record, machine, breaker, verdict, syntax, digests)
@@ -324,14 +329,14 @@ class Sender:
             self._report_unreadable(record, machine, error)
             return
 
-        self._stored(record, machine, breaker, verdict, result.instance_id, result.status, result.md5,
-                     session, target)
+        self._stored(record, machine, breaker, verdict, result.instance_id, result.status, result.sha256,
+                     result.md5, session, target)
 
     def _stored(self, record: SpoolRecord, machine: MachineConfig, breaker: MachineBreaker,
-                verdict: dicomfile.Verdict, instance_id: str, status: str, md5: str,
+                verdict: dicomfile.Verdict, instance_id: str, status: str, sha256: str, md5: str,
                 session: requests.Session, target: rest.OrthancTarget) -> None:
         """Record a stored file, apply its after-send policy, and resume the machine's backlog after an outage."""
-        self.spool.mark_sent(record.id, instance_id)
+        self.spool.mark_sent(record.id, instance_id, sha256=sha256)
         self.activity[machine.id].last_success_at = time.time()
         log.info("Stored file %s of machine %s as Orthanc instance %s (%s); SOP Instance UID %s, study %s.",
                  record.path, machine.id, instance_id, status, verdict.sop_instance_uid,
@@ -404,7 +409,8 @@ class Sender:
             log.warning("Orthanc stored file %s of machine %s with warning status 0x%04X (%s).",
                         record.path, machine.id, result.status, result.warning)
         status = "C-STORE status 0x%04X" % result.status
-        self._stored(record, machine, breaker, verdict, instance_id, status, digests.md5, session, target)
+        self._stored(record, machine, breaker, verdict, instance_id, status, digests.sha256, digests.md5,
+                     session, target)
 
     def _identity_changed(self, record: SpoolRecord) -> bool:
         """Return True when the file's size or mtime differs from its record, after a send from disk."""
@@ -454,12 +460,8 @@ class Sender:
         self.spool.mark_verified(record.id)
         return True
 
-    def _finish_unverified(self) -> None:
-        """Verify and archive or delete the files left ``sent`` by an earlier run or a failed check."""
-        machines = [machine.id for machine in self.config.machines if machine.after_send != AFTER_SEND_KEEP]
-        records = self.spool.sent_unverified(machines)
-        if not records:
-            return
+    def _finish_unverified(self, records: list[SpoolRecord]) -> None:
+        """Verify and archive or delete RECORDS, files left ``sent`` by an earlier run."""
         log.info("Verifying %d sent files whose after-send policy was not applied yet.", len(records))
 
         session = requests.Session()

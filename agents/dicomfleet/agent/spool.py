@@ -227,19 +227,14 @@ class Spool:
                 (QUEUED, FAILED, *machines)).fetchone()
         return row[0]
 
-    def set_sha256(self, record_id: int, sha256: str) -> None:
-        """Store the SHA-256 of the file's content, before it is sent."""
-        with self._lock, self._db:
-            self._db.execute("UPDATE files SET sha256 = ?, updated_at = ? WHERE id = ?",
-                             (sha256, time.time(), record_id))
-
-    def mark_sent(self, record_id: int, instance_id: str, now: float | None = None) -> None:
-        """Record that Orthanc stored the file as INSTANCE_ID."""
+    def mark_sent(self, record_id: int, instance_id: str, now: float | None = None,
+                  sha256: str | None = None) -> None:
+        """Record that Orthanc stored the file as INSTANCE_ID, with the SHA-256 of the content sent."""
         now = time.time() if now is None else now
         with self._lock, self._db:
             self._db.execute(
-                "UPDATE files SET state = ?, instance_id = ?, last_error = NULL, sent_at = ?, updated_at = ? "
-                "WHERE id = ?", (SENT, instance_id, now, now, record_id))
+                "UPDATE files SET state = ?, instance_id = ?, sha256 = coalesce(?, sha256), last_error = NULL, "
+                "sent_at = ?, updated_at = ? WHERE id = ?", (SENT, instance_id, sha256, now, now, record_id))
 
     def mark_verified(self, record_id: int, now: float | None = None) -> None:
         """Record that Orthanc's copy of the sent file was verified and the after-send policy applied."""

@@ -2,7 +2,8 @@
 
 The latest heartbeat lives in memory, because this process receives every one.
 A writer thread copies it to MongoDB's ``machine_heartbeats`` collection about
-once a second, so a restart forgets little and a slow MongoDB never delays an agent.
+once a second. A restart therefore loses at most the last second, and a slow
+MongoDB does not delay the agents' requests.
 """
 
 from __future__ import annotations

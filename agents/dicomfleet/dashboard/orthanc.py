@@ -1,9 +1,9 @@
 """Watch the Orthanc server and the sync from the dashboard, and fetch study thumbnails.
 
 A thread polls Orthanc's /system, /statistics and change feed, the storage
-disk and the sync's checkpoint every few seconds, so pages never wait on
-Orthanc. Thumbnails are Orthanc's /instances/{id}/preview, fetched with the
-dashboard's own Orthanc user and kept in a bounded cache.
+disk and the sync's checkpoint every few seconds, so the fleet page does not
+wait on Orthanc. Thumbnails are Orthanc's /instances/{id}/preview, fetched
+with the dashboard's own Orthanc user and kept in a bounded cache.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class PreviewUnavailable(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class OrthancSnapshot:
-    """What the dashboard last learned about Orthanc, its disk and the sync."""
+    """The dashboard's latest reading of Orthanc, its storage disk and the sync's checkpoint."""
 
     checked_at: datetime.datetime | None = None
     online: bool = False

@@ -187,8 +187,9 @@ class ActivitySnapshot:
 class ActivityWatch:
     """A thread that runs the per-machine activity aggregation every INTERVAL_S seconds.
 
-    Pages, the JSON API and the metrics read its latest snapshot, so they never
-    wait for MongoDB and the aggregation's cost does not grow with the number of viewers.
+    The fleet page, the JSON API and the metrics read its latest snapshot, so
+    they run no study query of their own. The aggregation's cost therefore does
+    not grow with the number of viewers.
     """
 
     def __init__(self, index: StudyIndex, day_start: Callable[[], datetime.datetime], stop: threading.Event,

@@ -6,8 +6,11 @@ silent when those hours, not the wall clock, pass without a study.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime
+import functools
+import math
 import re
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -104,25 +107,55 @@ class WorkingHours:
         if self.always:
             return (end - start).total_seconds()
 
-        # Windows are wall-clock times; comparing Unix times counts a day that
-        # changes its UTC offset with its real length.
-        total = 0.0
-        zone = end.tzinfo
-        first = start.timestamp()
-        last = end.timestamp()
-        day = (start.astimezone(zone) - datetime.timedelta(days=1)).date()
-        last_day = end.astimezone(zone).date()
-        while day <= last_day:
-            for window in self.windows:
-                if window.weekday != day.weekday():
-                    continue
-                opens = _wall_clock(day, window.start_minute, zone).timestamp()
-                closes = _wall_clock(day, window.end_minute, zone).timestamp()
-                overlap = min(closes, last) - max(opens, first)
-                if overlap > 0:
-                    total += overlap
-            day += datetime.timedelta(days=1)
-        return total
+        timeline = _timeline(self, end.tzinfo, math.ceil(end.timestamp() / 60) * 60)
+        return timeline.seconds_until(end.timestamp()) - timeline.seconds_until(start.timestamp())
+
+
+class _Timeline:
+    """The working intervals of a schedule over the days before a moment, as merged Unix time ranges.
+
+    A cumulative sum makes the working seconds up to any moment a binary search,
+    so judging many machines with the same schedule costs one timeline.
+    """
+
+    def __init__(self, intervals: list[tuple[float, float]]):
+        merged: list[list[float]] = []
+        for opens, closes in sorted(intervals):
+            if merged and opens <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], closes)
+            else:
+                merged.append([opens, closes])
+        self.opens = [interval[0] for interval in merged]
+        self.closes = [interval[1] for interval in merged]
+        self.before = [0.0]
+        for opens, closes in merged:
+            self.before.append(self.before[-1] + closes - opens)
+
+    def seconds_until(self, moment: float) -> float:
+        """Return the working seconds from the timeline's start up to MOMENT (Unix time)."""
+        index = bisect.bisect_right(self.opens, moment) - 1
+        if index < 0:
+            return 0.0
+        return self.before[index] + min(moment, self.closes[index]) - self.opens[index]
+
+
+@functools.lru_cache(maxsize=64)
+def _timeline(hours: WorkingHours, zone: datetime.tzinfo | None, end: float) -> _Timeline:
+    """Return HOURS' intervals from MAX_LOOKBACK_DAYS + 1 days before END (Unix time) up to END.
+
+    Windows are wall-clock times; building them as Unix times counts a day
+    that changes its UTC offset with its real length.
+    """
+    last_day = datetime.datetime.fromtimestamp(end, zone).date()
+    day = last_day - datetime.timedelta(days=MAX_LOOKBACK_DAYS + 2)
+    intervals = []
+    while day <= last_day:
+        for window in hours.windows:
+            if window.weekday == day.weekday():
+                intervals.append((_wall_clock(day, window.start_minute, zone).timestamp(),
+                                  _wall_clock(day, window.end_minute, zone).timestamp()))
+        day += datetime.timedelta(days=1)
+    return _Timeline(intervals)
 
 
 def parse(text: str) -> WorkingHours:
