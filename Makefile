@@ -21,7 +21,7 @@ help:
 	@echo "make test      run the test suite (installs what it needs)"
 	@echo "make bench     run the benchmarks (QUICK=1 for a short run)"
 	@echo "make lab-up    boot the lab hosts of INVENTORY (default $(INVENTORY))"
-	@echo "make lab-down  stop every lab host"
+	@echo "make lab-down  stop the lab hosts of INVENTORY"
 	@echo "make deploy    deploy INVENTORY with pyinfra"
 
 $(VENV)/.apt-done:
@@ -46,7 +46,7 @@ lab-up: deps
 	$(BIN)/dicomfleet lab up $(INVENTORY)
 
 lab-down: deps
-	$(BIN)/dicomfleet lab down
+	$(BIN)/dicomfleet lab down $(INVENTORY)
 
 deploy: deps
 	$(BIN)/dicomfleet deploy $(INVENTORY)

@@ -144,9 +144,12 @@ def run_on_host(site: Site, host: str, script: str, stdin: bytes = b"") -> str:
 def drop_files(site: Site, machine: Machine, demo_files: list[DemoFile]) -> None:
     """Copy DEMO_FILES into MACHINE's first watch folder, as its scanner would."""
     archive = io.BytesIO()
+    now = time.time()
     with tarfile.open(fileobj=archive, mode="w") as tar:
         for demo_file in demo_files:
             info = tar.gettarinfo(str(demo_file.source), arcname=demo_file.name)
+            # A scanner writes new files: a fresh time makes a second demo a new export.
+            info.mtime = now
             info.uid = info.gid = 0
             info.uname = info.gname = "root"
             info.mode = 0o644
