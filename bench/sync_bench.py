@@ -30,6 +30,8 @@ from bench.stats import percentile
 log = logging.getLogger(__name__)
 
 DATABASE = "dicomfleet"
+# The catch-up run starts the sync on an empty database of its own.
+CATCH_UP_DATABASE = "dicomfleet_catchup"
 STOP_TIMEOUT_S = 60.0
 # Today's practice lists every study this often.
 POLL_PERIOD_S = 30.0
@@ -58,6 +60,7 @@ class SyncSite:
         self.client: pymongo.MongoClient | None = None
         self.orthanc_proxy: CountingProxy | None = None
         self.mongodb_proxy: CountingProxy | None = None
+        self.database = DATABASE
 
     def start(self) -> "SyncSite":
         """Start Orthanc, SecantusDB and the counting proxies in front of them."""
@@ -102,11 +105,11 @@ class SyncSite:
     @property
     def studies(self):
         """The ``studies`` collection."""
-        return self.client[DATABASE]["studies"]
+        return self.client[self.database]["studies"]
 
     def checkpoint_seq(self) -> int:
         """Return the sequence number in the sync's checkpoint, 0 without one."""
-        document = self.client[DATABASE]["sync_checkpoints"].find_one({})
+        document = self.client[self.database]["sync_checkpoints"].find_one({})
         return int(document.get("seq", 0)) if document else 0
 
     def write_config(self) -> Path:
@@ -126,6 +129,8 @@ class SyncSite:
                 line = f"url = {json.dumps(self.proxied_orthanc_url)}"
             if line.startswith("uri = "):
                 line = f"uri = {json.dumps(self.proxied_mongodb_uri)}"
+            if line.startswith("database = "):
+                line = f"database = {json.dumps(self.database)}"
             lines.append(line)
             if line.startswith("credential = "):
                 lines.append(f"password_file = {json.dumps(str(password_file))}")
@@ -207,23 +212,6 @@ def upload_studies(archive: BenchArchive, count: int, workers: int = 4) -> list[
     return study_ids
 
 
-def wait_until_stable(archive: BenchArchive, count: int, timeout: float) -> bool:
-    """Wait until Orthanc's change feed holds COUNT StableStudy changes, reading each change once."""
-    deadline = time.monotonic() + timeout
-    since = 0
-    stable = 0
-    while True:
-        page = archive.changes(since, limit=5000)
-        stable += sum(1 for change in page["Changes"] if change["ChangeType"] == "StableStudy")
-        since = page["Last"]
-        if stable >= count:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        if page["Done"]:
-            time.sleep(1.0)
-
-
 @dataclasses.dataclass
 class StableLatency:
     """Delays from a StableStudy change seen in Orthanc's feed to the study's MongoDB record."""
@@ -302,14 +290,34 @@ def measure_stable_to_record(site: SyncSite, studies: int, spacing_s: float = 0.
     return StableLatency(delays, studies, studies - len(delays), stable_age)
 
 
+def load_live(site: SyncSite, studies: int, timeout: float) -> float:
+    """Store STUDIES studies while the sync follows the feed; wait until it recorded them and reached the feed's end.
+
+    Returns the seconds the upload took. Raises RuntimeError when the sync does not catch up within TIMEOUT.
+    """
+    expected = site.studies.count_documents({}) + studies
+    started = time.monotonic()
+    upload_studies(site.archive, studies)
+    upload_seconds = time.monotonic() - started
+
+    deadline = time.monotonic() + timeout
+    while site.studies.count_documents({}) < expected:
+        if time.monotonic() > deadline or not site.sync_running:
+            raise RuntimeError(f"The sync recorded {site.studies.count_documents({})} of {expected} studies "
+                               f"within {timeout:.0f} s (running: {site.sync_running}); see {site.log_path}.")
+        time.sleep(1.0)
+    if not site.wait_caught_up(max(1.0, deadline - time.monotonic())):
+        raise RuntimeError(f"The sync did not reach the end of the change feed within {timeout:.0f} s; "
+                           f"see {site.log_path}.")
+    return upload_seconds
+
+
 @dataclasses.dataclass
 class CatchUp:
-    """A stopped sync started on a backlog of studies: until every record existed, and until the feed's end."""
+    """A sync started on an empty database while Orthanc holds STUDIES studies: the seconds until every record exists."""
 
     studies: int
     seconds: float | None
-    feed_end_seconds: float | None
-    upload_seconds: float
     traffic_bytes: int
 
     @property
@@ -320,43 +328,33 @@ class CatchUp:
         return self.studies / self.seconds
 
 
-def measure_catch_up(site: SyncSite, studies: int, timeout: float) -> CatchUp:
-    """Store STUDIES studies while the sync is stopped, wait until all are stable, then time its catch-up.
+def measure_catch_up(site: SyncSite, timeout: float) -> CatchUp:
+    """Start the sync on an empty database of its own and time it until every study in Orthanc has a record.
 
-    Records that already exist (from earlier measurements) are counted first,
-    so only the backlog's records are waited for. The sync keeps running afterwards.
+    This is the backlog a new sync meets on an existing archive. The sync is
+    stopped afterwards and the site points at the usual database again.
     """
     site.stop_sync()
-    existing = site.studies.count_documents({})
-
-    started = time.monotonic()
-    upload_studies(site.archive, studies)
-    upload_seconds = time.monotonic() - started
-    stable_age = float(site.archive.orthanc.server.vars.get("dicomfleet_orthanc_stable_age", 60))
-    if not wait_until_stable(site.archive, studies + existing, timeout=stable_age + 600):
-        log.error("Orthanc did not report all %d studies stable.", studies + existing)
-        return CatchUp(studies, None, None, upload_seconds, 0)
-
-    site.reset_traffic()
-    started = time.monotonic()
-    site.start_sync()
-    deadline = started + timeout
-    seconds = None
-    while time.monotonic() < deadline and site.sync_running:
-        if site.studies.count_documents({}) >= studies + existing:
-            seconds = time.monotonic() - started
-            break
-        time.sleep(0.25)
-    if seconds is None:
-        log.error("The sync did not record %d studies within %.0f s (running: %s).", studies, timeout,
-                  site.sync_running)
-        return CatchUp(studies, None, None, upload_seconds, 0)
-
-    feed_end = None
-    if site.wait_caught_up(max(0.0, deadline - time.monotonic())):
-        feed_end = time.monotonic() - started
-    traffic = site.orthanc_proxy.traffic().total_bytes + site.mongodb_proxy.traffic().total_bytes
-    return CatchUp(studies, seconds, feed_end, upload_seconds, traffic)
+    studies = int(site.archive.statistics()["CountStudies"])
+    site.database = CATCH_UP_DATABASE
+    site.client.drop_database(CATCH_UP_DATABASE)
+    try:
+        site.reset_traffic()
+        started = time.monotonic()
+        site.start_sync()
+        deadline = started + timeout
+        while time.monotonic() < deadline and site.sync_running:
+            if site.studies.count_documents({}) >= studies:
+                seconds = time.monotonic() - started
+                traffic = site.orthanc_proxy.traffic().total_bytes + site.mongodb_proxy.traffic().total_bytes
+                return CatchUp(studies, seconds, traffic)
+            time.sleep(0.25)
+        log.error("The sync did not record %d studies within %.0f s (running: %s); see %s.", studies, timeout,
+                  site.sync_running, site.log_path)
+        return CatchUp(studies, None, 0)
+    finally:
+        site.stop_sync()
+        site.database = DATABASE
 
 
 @dataclasses.dataclass
