@@ -137,13 +137,15 @@ def test_large_file_sent_with_low_memory(site):
         agent = site.start_agent()
         os.rename(staged, target)
 
-        stored = site.wait_stored([uid], timeout=240)
-        instance = stored[uid]
-        agent.wait_for_log("Stored file", timeout=60)
+        # Orthanc's REST API can stall for over 10 s while it stores 2 GB, so the test waits
+        # for the agent's log line, written once Orthanc returned the instance, before asking Orthanc.
+        agent.wait_for_log("Stored file", timeout=300)
+        instance = site.instance_of(uid)
 
         peak_rss_kb = _peak_rss_kb(agent.process.pid)
         print(f"agent peak RSS (VmHWM) while sending a 2 GB file: {peak_rss_kb} kB")
         assert peak_rss_kb < MAX_AGENT_PEAK_RSS_KB
+        assert instance is not None
         assert site.stored_md5(instance) == expected_md5
         assert site.quarantined() == []
     finally:

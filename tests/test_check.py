@@ -14,7 +14,7 @@ def site(tmp_path_factory):
     try:
         running.start_sync()
         running.start_agent("ct1")
-        wait_until(running.agent_status_file("ct1").exists, 30, "the agent of ct1 to start")
+        wait_until(running.agent_status_file("ct1").exists, 90, "the agent of ct1 to start")
         yield running
     finally:
         running.stop()
@@ -50,7 +50,7 @@ def test_check_leaves_nothing_behind(site, passed_run):
 
 def test_check_fails_when_agent_stopped(site):
     agent = site.agents.pop("mr1", None) or site.start_agent("mr1")
-    wait_until(site.agent_status_file("mr1").exists, 30, "the agent of mr1 to start")
+    wait_until(site.agent_status_file("mr1").exists, 90, "the agent of mr1 to start")
     agent.terminate()
     agent.wait(timeout=30)
     result = site.run_command("check", str(site.inventory), "mr1", "--timeout", "5",

@@ -33,7 +33,7 @@ def fleet(tmp_path_factory):
         for machine_id in MACHINES:
             site.start_agent(machine_id)
         for machine_id in MACHINES:
-            wait_until(lambda: site.machine_row(machine_id)["last_heartbeat_at"], 30,
+            wait_until(lambda: site.machine_row(machine_id)["last_heartbeat_at"], 90,
                        f"the first heartbeat of {machine_id}")
 
         studies = {}

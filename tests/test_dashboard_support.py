@@ -28,6 +28,7 @@ from dicomfleet.inventory import load_site
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 SITE = "dashtest"
+STARTUP_TIMEOUT_S = 90.0
 
 # Three agent machines, as in the lab; their hosts run on this machine.
 MACHINES = {
@@ -128,10 +129,17 @@ class DashboardSite:
         return {**os.environ, "DICOMFLEET_SECRETS_DIR": str(self.secrets_root)}
 
     def start(self) -> "DashboardSite":
-        """Start SecantusDB, Orthanc and the dashboard."""
-        self.mongo.start()
-        self.orthanc.start()
-        self.start_dashboard()
+        """Start SecantusDB, Orthanc and the dashboard.
+
+        The generous timeouts keep the suite reliable on a busy 2-core machine.
+        """
+        try:
+            self.mongo.start(timeout=STARTUP_TIMEOUT_S)
+            self.orthanc.start(timeout=STARTUP_TIMEOUT_S)
+            self.start_dashboard()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def start_dashboard(self) -> localrun.DashboardProcess:
@@ -139,7 +147,7 @@ class DashboardSite:
         config = localrun.write_dashboard_config(self.site, self.folder, self.secrets, self.mongo.uri,
                                                  port=self.port)
         self.dashboard = localrun.DashboardProcess(config, self.folder / "dashboard.log",
-                                                   localrun.port_of(config)).start()
+                                                   localrun.port_of(config)).start(timeout=STARTUP_TIMEOUT_S)
         return self.dashboard
 
     def stop(self) -> None:
