@@ -191,7 +191,7 @@ def write_agent_config(site: Site, host: str, folder: Path, secrets: credentials
     The deployed agent reads its passwords from systemd credentials; a local
     run points each machine's ``password_file`` at the secret instead.
     """
-    machines = [m for m in site.machines.values() if m.host == host]
+    machines = [m for m in site.machines.values() if m.agent_host == host]
     context = render.agent_context(site, host, machines)
     text = render.render_template("agent.toml.j2", context)
     text = text.replace("/var/lib/dicomfleet-agent", str(folder / "agent-state"))
