@@ -105,7 +105,7 @@ class OrthancProcess:
             render.render_template("orthanc-credentials.json.j2", context))
         return config
 
-    def start(self, timeout: float = 30.0) -> "OrthancProcess":
+    def start(self, timeout: float = 90.0) -> "OrthancProcess":
         """Start Orthanc and wait until its REST API answers."""
         config = self.write_config()
         logs = self.folder / "orthanc-logs"
@@ -154,7 +154,7 @@ class SecantusProcess:
         self.process: subprocess.Popen | None = None
         self.uri = f"mongodb://127.0.0.1:{self.port}/"
 
-    def start(self, timeout: float = 30.0) -> "SecantusProcess":
+    def start(self, timeout: float = 90.0) -> "SecantusProcess":
         """Start the server and wait until it accepts connections."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
