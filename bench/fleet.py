@@ -147,6 +147,7 @@ class FleetResult:
 
     machines: int
     agent_processes: int
+    machines_per_process: int
     files_dropped: int
     bytes_dropped: int
     files_sent: int | None
@@ -159,6 +160,7 @@ class FleetResult:
     seconds_to_recorded: float | None
     start_seconds: float
     per_machine_lost: dict[str, int]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def files_lost(self) -> int:
@@ -178,8 +180,87 @@ def read_sent_count(status_file: Path) -> int | None:
     return sum(int(machine.get("files_sent_today", 0)) for machine in document.get("machines", {}).values())
 
 
+# Agents started at once; each batch writes its status files before the next starts,
+# so 200 interpreters do not all import at the same moment.
+START_BATCH = 10
+# inotify instances left free for the rest of the machine (systemd, lab hosts, tests).
+INOTIFY_RESERVE = 100
+
+
+def free_inotify_instances() -> int | None:
+    """Return how many more inotify instances this user may open, or None when /proc cannot tell.
+
+    Each agent process opens one; Linux limits them per user (fs.inotify.max_user_instances).
+    """
+    try:
+        limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    except (OSError, ValueError):
+        return None
+
+    used = 0
+    uid = os.getuid()
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        try:
+            if process.stat().st_uid != uid:
+                continue
+            for descriptor in (process / "fd").iterdir():
+                if os.readlink(descriptor) == "anon_inode:inotify":
+                    used += 1
+        except OSError:
+            continue
+    return limit - used
+
+
+def machines_per_process(machines: int, free_instances: int | None, reserve: int = INOTIFY_RESERVE) -> int:
+    """Return how many machines each agent process serves so that the processes fit the free inotify instances."""
+    if free_instances is None:
+        return 1
+    processes = max(1, min(machines, free_instances - reserve))
+    return -(-machines // processes)
+
+
+def write_group_config(site, hosts: list[str], folder: Path, secrets) -> Path:
+    """Write one agent configuration serving the machines of HOSTS, with its state under FOLDER."""
+    texts = [localservers.write_agent_config(site, host, folder, secrets).read_text(encoding="utf-8")
+             for host in hosts]
+    head = texts[0].split("\n[[machine]]", 1)[0]
+    blocks = ["[[machine]]" + text.split("\n[[machine]]", 1)[1] for text in texts]
+    path = folder / "agent.toml"
+    path.write_text(head.rstrip() + "\n\n" + "\n".join(block.strip() + "\n" for block in blocks), encoding="utf-8")
+    return path
+
+
+def _start_agents(site: SyncSite, groups: list[list[str]], folder: Path) -> tuple[list[AgentProcess], list[Path]]:
+    """Start one agent process per group of machine ids, START_BATCH at a time; return them and their status files."""
+    agents: list[AgentProcess] = []
+    status_files: list[Path] = []
+    for first in range(0, len(groups), START_BATCH):
+        batch_files = []
+        for number, machine_group in enumerate(groups[first:first + START_BATCH], start=first + 1):
+            for machine_id in machine_group:
+                Path(site.archive.site.machines[machine_id].watch_folders[0]).mkdir(parents=True, exist_ok=True)
+            agent_folder = folder / f"agent-{number:03d}"
+            agent_folder.mkdir(parents=True, exist_ok=True)
+            config = write_group_config(site.archive.site, machine_group, agent_folder, site.archive.orthanc.secrets)
+            agents.append(AgentProcess(config, agent_folder / "agent.log").start())
+            batch_files.append(agent_folder / "agent-state" / "status.json")
+        _wait_for_files(batch_files, timeout=300.0)
+        status_files += batch_files
+    return agents, status_files
+
+
+def _exited(agents: list[AgentProcess]) -> str:
+    dead = [agent for agent in agents if not agent.running]
+    if not dead:
+        return ""
+    return (f"{len(dead)} agent processes exited early, for example {dead[0].config}: "
+            f"{dead[0].log_tail(300)}")
+
+
 def run_fleet(folder: Path, profile: DayProfile, with_sync: bool, timeout: float = 1200.0) -> FleetResult:
-    """Start one agent process per machine of PROFILE, land the day's studies, count every file."""
+    """Start the fleet's agent processes, land the day's studies, and count every file."""
     machines_folder = folder / "machines"
     site = SyncSite(folder / "central", fleet_machines(profile, machines_folder)).start()
     agents: list[AgentProcess] = []
@@ -191,18 +272,17 @@ def run_fleet(folder: Path, profile: DayProfile, with_sync: bool, timeout: float
         if with_sync:
             site.start_sync()
 
+        free = free_inotify_instances()
+        per_process = machines_per_process(profile.machine_count, free)
+        ids = [machine_id for machine_id, _kind in machine_ids(profile)]
+        groups = [ids[first:first + per_process] for first in range(0, len(ids), per_process)]
+        log.info("%d free inotify instances: starting %d agent processes of %d machines each.",
+                 free if free is not None else -1, len(groups), per_process)
         started = time.monotonic()
-        status_files = {}
-        for machine_id, _kind in machine_ids(profile):
-            machine_folder = machines_folder / machine_id
-            Path(site.archive.site.machines[machine_id].watch_folders[0]).mkdir(parents=True, exist_ok=True)
-            config = localservers.write_agent_config(site.archive.site, machine_id, machine_folder,
-                                                     site.archive.orthanc.secrets)
-            agents.append(AgentProcess(config, machine_folder / "agent.log").start())
-            status_files[machine_id] = machine_folder / "agent-state" / "status.json"
-        _wait_for_files(status_files.values(), timeout=600.0)
+        agents, status_files = _start_agents(site, groups, folder / "agents")
         start_seconds = time.monotonic() - started
         log.info("%d agents started in %.0f s.", len(agents), start_seconds)
+        notes = [note for note in [_exited(agents)] if note]
 
         expected = len([path for study in studies for path in study.files])
         released_at = time.monotonic()
@@ -222,17 +302,20 @@ def run_fleet(folder: Path, profile: DayProfile, with_sync: bool, timeout: float
 
         # The status file is rewritten every few seconds; give it one more turn.
         time.sleep(6.0)
-        sent_counts = [read_sent_count(path) for path in status_files.values()]
+        sent_counts = [read_sent_count(path) for path in status_files]
         files_sent = None if any(count is None for count in sent_counts) else sum(sent_counts)
+        exited = _exited(agents)
+        if exited and exited not in notes:
+            notes.append(exited)
 
         return FleetResult(
-            machines=profile.machine_count, agent_processes=len(agents), files_dropped=expected,
-            bytes_dropped=bytes_dropped, files_sent=files_sent, files_stored=stored,
+            machines=profile.machine_count, agent_processes=len(agents), machines_per_process=per_process,
+            files_dropped=expected, bytes_dropped=bytes_dropped, files_sent=files_sent, files_stored=stored,
             files_recorded=recorded, studies_expected=len(studies), studies_recorded=studies_recorded,
             studies_wrong_source=wrong_source,
             seconds_to_stored=None if stored_at is None else stored_at - released_at,
             seconds_to_recorded=None if recorded_at is None else recorded_at - released_at,
-            start_seconds=start_seconds, per_machine_lost=per_machine,
+            start_seconds=start_seconds, per_machine_lost=per_machine, notes=notes,
         )
     finally:
         for agent in agents:
@@ -242,6 +325,7 @@ def run_fleet(folder: Path, profile: DayProfile, with_sync: bool, timeout: float
             agent.stop()
         site.stop()
         shutil.rmtree(machines_folder, ignore_errors=True)
+        shutil.rmtree(folder / "agents", ignore_errors=True)
         shutil.rmtree(folder / "staging", ignore_errors=True)
         shutil.rmtree(folder / "central" / "orthanc" / "orthanc-storage", ignore_errors=True)
 

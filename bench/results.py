@@ -95,7 +95,9 @@ _SPECS = [
                "poll_idle_cycle_bytes with 10,000 studies (set only in a run with 10,000 studies)"),
     # The fleet.
     FigureSpec("fleet_machines", "machines", SECTION_FLEET, "simulated imaging machines"),
-    FigureSpec("fleet_agent_processes", "processes", SECTION_FLEET, "agent processes, one per machine"),
+    FigureSpec("fleet_agent_processes", "processes", SECTION_FLEET, "agent processes, one per machine when they fit"),
+    FigureSpec("fleet_machines_per_process", "machines", SECTION_FLEET,
+               "[[machine]] entries per agent process, each with its own folder, user and AE title"),
     FigureSpec("fleet_files_dropped", "files", SECTION_FLEET, "files landed in the machines' export folders"),
     FigureSpec("fleet_mb_dropped", "MB", SECTION_FLEET, "their size"),
     FigureSpec("fleet_files_sent", "files", SECTION_FLEET, "files the agents report as sent (files_sent_today in their status files)"),

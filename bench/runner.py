@@ -268,14 +268,20 @@ class BenchRun:
         """Run one agent process per simulated machine with the sync, and count every file."""
         day = self.mode.day
         result = fleet.run_fleet(self.workdir / "fleet", day, with_sync=True)
-        command = (f"{result.agent_processes} x 'python -m dicomfleet agent --config MACHINE/agent-MACHINE.toml', "
+        command = (f"{result.agent_processes} x 'python -m dicomfleet agent --config agent-NNN/agent.toml', "
                    "one 'python -m dicomfleet sync', one Orthanc, one SecantusDB")
         profile = ", ".join(f"{day.machines[kind]} {kind} machines x {day.studies[kind]} studies x "
                             f"{day.images[kind]} images" for kind in day.machines)
         note = f"{profile}; studies land over {day.window_s:g} s"
+        if result.machines_per_process > 1:
+            note += (f"; {result.machines_per_process} machines ([[machine]] entries) per agent process, because "
+                     "the free inotify instances (fs.inotify.max_user_instances) did not allow one process each")
+        for extra in result.notes:
+            note += f"; {extra}"
         values = {
             "fleet_machines": result.machines,
             "fleet_agent_processes": result.agent_processes,
+            "fleet_machines_per_process": result.machines_per_process,
             "fleet_files_dropped": result.files_dropped,
             "fleet_mb_dropped": round(result.bytes_dropped / 1_000_000, 1),
             "fleet_files_sent": result.files_sent,

@@ -1,6 +1,6 @@
 """The molecule scenario `default`: lab hosts booted, converged twice with no change, verified, stopped.
 
-`molecule test` runs from the checkout with the venv's Ansible; the scenario's
+`molecule test` runs from the checkout with the venv's Ansible. The scenario's
 verify step drops a real CT file on its scanner and waits for its MongoDB record.
 """
 

@@ -3,8 +3,9 @@
 The same inventory (one central host, one agent scanner, one machine that sends
 DICOM itself) is deployed with `dicomfleet.deployment.deploy` onto fresh hosts,
 snapshotted, then deployed with playbook.yml onto fresh hosts again and
-snapshotted. Both runs share one site, so the site name, the secrets and the
-addresses in every file are the same, and any difference is the tools' own.
+snapshotted. Both runs share one site and one wheelhouse, so the site name,
+the secrets, the addresses and the code are the same, and any difference is the
+tools' own.
 The hosts use 127.0.10.160 to .169 and their own ports.
 """
 
@@ -13,12 +14,13 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dicomfleet import credentials, deployment, lab, render
+from dicomfleet import credentials, deployment, lab, render, wheelhouse
 from dicomfleet.inventory import load_site
 
 from test_ansible_support import ansible_env, run_playbook, write_site
@@ -60,7 +62,13 @@ def record(path):
         entries[path] = None
         return
     mode = info.st_mode
-    kind = "link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+    kind = "other"
+    if stat.S_ISLNK(mode):
+        kind = "link"
+    elif stat.S_ISDIR(mode):
+        kind = "dir"
+    elif stat.S_ISREG(mode):
+        kind = "file"
     entry = {"kind": kind, "owner": name(pwd.getpwuid, info.st_uid), "group": name(grp.getgrgid, info.st_gid),
              "mode": format(stat.S_IMODE(mode), "04o")}
     if kind == "file":
@@ -177,12 +185,18 @@ def parity(tmp_path_factory):
         lab.up(site, fresh=True)
         pyinfra_run = deployment.deploy(path, capture=True)
         pyinfra_snapshots = {host: snapshot(site, host) for host in hosts} if pyinfra_run.returncode == 0 else {}
+        # Ansible installs the very wheels pyinfra installed, so the comparison
+        # stays valid when the code changes between the two deploys.
+        wheels = shutil.copytree(wheelhouse.default_wheelhouse(), folder / "wheelhouse")
 
         lab.up(site, fresh=True)
-        ansible_run = run_playbook(path, env=ansible_env(DICOMFLEET_SECRETS_DIR=str(secrets_dir)))
+        ansible_run = run_playbook(path, "-e", f"dicomfleet_common_wheelhouse={wheels}",
+                                   "-e", "dicomfleet_common_build_wheelhouse=false",
+                                   env=ansible_env(DICOMFLEET_SECRETS_DIR=str(secrets_dir)))
         ansible_snapshots = {host: snapshot(site, host) for host in hosts} if ansible_run.returncode == 0 else {}
 
         yield {"folder": folder, "path": path, "site": site, "secrets_dir": secrets_dir, "hosts": hosts,
+               "wheels": wheels,
                "pyinfra_run": pyinfra_run, "ansible_run": ansible_run,
                "pyinfra": pyinfra_snapshots, "ansible": ansible_snapshots,
                "secret_paths": secret_paths(site)}
@@ -249,7 +263,9 @@ def test_unreachable_host_named_and_others_converge(parity):
     with_unreachable.write_text(yaml.safe_dump(document, sort_keys=False))
     assert not lab.accepts_ssh(UNREACHABLE)
 
-    result = run_playbook(with_unreachable, env=ansible_env(DICOMFLEET_SECRETS_DIR=str(parity["secrets_dir"])))
+    result = run_playbook(with_unreachable, "-e", f"dicomfleet_common_wheelhouse={parity['wheels']}",
+                          "-e", "dicomfleet_common_build_wheelhouse=false",
+                          env=ansible_env(DICOMFLEET_SECRETS_DIR=str(parity["secrets_dir"])))
     credentials_json = lab.ssh(CENTRAL, "cat /etc/orthanc/credentials.json").stdout
 
     # ansible-playbook exits 4 when a host was unreachable.

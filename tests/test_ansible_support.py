@@ -1,6 +1,6 @@
 """Helpers for the Ansible tests: run ansible-playbook from the checkout's venv, write inventories.
 
-It holds no test; the test_ansible_*.py modules import it.
+It contains no test; the test_ansible_*.py modules import it.
 """
 
 from __future__ import annotations

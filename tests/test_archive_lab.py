@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -186,6 +185,12 @@ def test_orthanc_loads_requested_plugins(deployed):
     assert {"dicom-web", "web-viewer", "gdcm"} <= set(plugins)
 
 
+def test_webviewer_cache_outside_storage(deployed):
+    log = lab.ssh(VAULT, "cat /var/log/orthanc/Orthanc.log").stdout
+    folders = re.findall(r"Storing the cache of the Web viewer in folder: (\S+)", log)
+    assert folders[-1] == "/var/lib/orthanc/webviewer-cache"
+
+
 def test_cluster_node_uses_postgresql_index(deployed):
     system = _get(deployed, f"{BALANCER_URL}/system", auth=_admin(deployed)).json()
     assert system["DatabaseBackendPlugin"].endswith("libOrthancPostgreSQLIndex.so.4.0")
@@ -274,8 +279,9 @@ def _site_secrets(deployed) -> dict[str, str]:
         if path.is_file():
             found[path.name] = path.read_text().strip()
     for path in sorted((folder / "tls").glob("*.key")):
+        # Every P-256 key in PKCS #8 starts with the same 48 base64 characters of ASN.1 header.
         key_body = "".join(path.read_text().strip().splitlines()[1:-1])
-        found[f"tls/{path.name}"] = key_body[:48]
+        found[f"tls/{path.name}"] = key_body[48:96]
     return found
 
 
@@ -339,14 +345,19 @@ def test_site_ca_key_never_leaves_control_machine(deployed, secret_scan):
 
 
 def _agent_config(deployed, folder: Path, watch: Path) -> Path:
-    """Render ct1's agent config for a local agent that sends through the cluster's balancer."""
-    site = deployed["site"]
-    path = localservers.write_agent_config(site, "ct1", folder, deployed["secrets"])
-    text = path.read_text()
-    text = re.sub(r"(?ms)^\[heartbeat\].*?(?=^\[)", "", text)
-    text = text.replace('orthanc_url = "http://127.0.10.126:8246"', f'orthanc_url = "{BALANCER_URL}"')
-    text = text.replace('"/srv/share/ct1"', json.dumps(str(watch)))
-    path.write_text(text)
+    """Render the file server's agent config for a local agent that sends ct1's files through the balancer.
+
+    The config keeps ct1 alone, points it at the balancer with the site CA, and
+    leaves heartbeats out.
+    """
+    path = localservers.write_agent_config(deployed["site"], "fs", folder, deployed["secrets"])
+    head, *machines = path.read_text().split("\n[[machine]]\n")
+    head = re.sub(r"(?ms)^(#[^\n]*heartbeat[^\n]*\n)?\[heartbeat\].*", "", head)
+    (ct1,) = [block for block in machines if block.startswith('id = "ct1"')]
+    ct1 = re.sub(r'(?m)^orthanc_url = .*$', f'orthanc_url = "{BALANCER_URL}"', ct1)
+    ct1 = ct1.replace('"/srv/share/ct1"', json.dumps(str(watch)))
+    ct1 += f"ca_file = {json.dumps(deployed['ca'])}\n"
+    path.write_text(head.rstrip() + "\n\n[[machine]]\n" + ct1)
     return path
 
 
@@ -378,16 +389,19 @@ def cluster_run(deployed, tmp_path_factory):
             files.append(data)
     half = len(files) // 2
 
-    log_path = folder / "agent.log"
-    env = dict(os.environ, REQUESTS_CA_BUNDLE=deployed["ca"])
+    log_path = ARTIFACTS / "archive-cluster-agent.log"
+    ARTIFACTS.mkdir(exist_ok=True)
     with open(log_path, "wb") as log:
         agent = subprocess.Popen([sys.executable, "-m", "dicomfleet", "agent", "--config", str(config)],
-                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         started = time.monotonic()
         for index, data in enumerate(files[:half]):
             (watch / f"first-{index:03d}.dcm").write_bytes(data)
-        wait_for(lambda: stored_count() >= half // 2, 120, what="half of the first batch in Orthanc")
+        try:
+            wait_for(lambda: stored_count() >= half // 2, 120, what="half of the first batch in Orthanc")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the agent logged:\n{log_path.read_text()[-3000:]}") from None
 
         lab.ssh(NODES["n2"], "systemctl stop orthanc.service")
         stopped_at = time.monotonic() - started

@@ -79,6 +79,9 @@ def restored(tmp_path_factory):
         backup.backup_index(config)
 
     orthanc.stop()
+    # The Web viewer plugin keeps its cache here when no CachePath is set.
+    (storage / "WebViewerCache").mkdir()
+    (storage / "WebViewerCache" / "cache.db").write_bytes(b"cache")
     index_backup = backup.backup_index(config)
     snapshot = backup.backup_storage(config)
     shutil.rmtree(storage)
@@ -102,6 +105,15 @@ def test_backup_index_passes_integrity_check(restored):
 
 def test_snapshot_leaves_index_out(restored):
     assert not (restored["snapshot"] / "index").exists()
+
+
+def test_snapshot_leaves_plugin_cache_out(restored):
+    assert not (restored["snapshot"] / "WebViewerCache").exists()
+
+
+def test_snapshot_holds_every_attachment(restored):
+    files = [path for path in restored["snapshot"].rglob("*") if path.is_file()]
+    assert len(files) == STUDIES * INSTANCES_PER_STUDY
 
 
 def test_restore_instance_count(restored):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+import tomllib
 from pathlib import Path
 
 # bench/ is a top-level package of the checkout, not part of the installed dicomfleet.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicomfleet import localservers  # noqa: E402
+from dicomfleet import credentials, localservers  # noqa: E402
 from dicomfleet.inventory import load_site  # noqa: E402
 
 from bench import fleet  # noqa: E402
@@ -62,7 +63,35 @@ def test_release_moves_study_into_subfolder(tmp_path):
 
 def test_files_lost_counts_missing_in_mongodb():
     result = fleet.FleetResult(
-        machines=2, agent_processes=2, files_dropped=10, bytes_dropped=0, files_sent=10, files_stored=10,
+        machines=2, agent_processes=2, machines_per_process=1, files_dropped=10, bytes_dropped=0, files_sent=10, files_stored=10,
         files_recorded=8, studies_expected=2, studies_recorded=2, studies_wrong_source=0,
         seconds_to_stored=1.0, seconds_to_recorded=None, start_seconds=1.0, per_machine_lost={"ct001": 2})
     assert result.files_lost == 2
+
+
+def test_machines_per_process_one_when_room():
+    assert fleet.machines_per_process(200, 900) == 1
+
+
+def test_machines_per_process_groups_when_short():
+    # 150 free instances minus a reserve of 100 leave room for 50 processes.
+    assert fleet.machines_per_process(200, 150) == 4
+
+
+def test_machines_per_process_no_room_one_process():
+    assert fleet.machines_per_process(200, 20) == 200
+
+
+def test_machines_per_process_unknown_limit():
+    assert fleet.machines_per_process(200, None) == 1
+
+
+def test_group_config_serves_each_machine(tmp_path):
+    machines = fleet.fleet_machines(fleet.QUICK_DAY, tmp_path / "machines")
+    site = load_site(localservers.write_local_inventory(tmp_path, machines))
+    secrets = credentials.ensure_secrets(site, tmp_path / "secrets")
+    path = fleet.write_group_config(site, ["ct001", "mr002"], tmp_path / "agent-001", secrets)
+    config = tomllib.loads(path.read_text())
+    assert [machine["id"] for machine in config["machine"]] == ["ct001", "mr002"]
+    assert config["agent"]["spool"] == str(tmp_path / "agent-001" / "agent-state" / "spool.sqlite3")
+    assert Path(config["machine"][1]["password_file"]).read_text().strip() == secrets.orthanc_password("mr002")

@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -26,9 +27,9 @@ log = logging.getLogger(__name__)
 INDEX_SQLITE = "sqlite"
 INDEX_POSTGRESQL = "postgresql"
 
-# Files of Orthanc's SQLite index, which live in the storage folder by default.
-SQLITE_INDEX_FILES = ("index", "index-wal", "index-shm", "index-journal")
 PARTIAL = ".partial"
+# Orthanc's filesystem storage keeps each attachment at XX/YY/UUID, where XXYY starts the UUID.
+_ATTACHMENT_PATH = re.compile(r"^([0-9a-f]{2})/([0-9a-f]{2})/\1\2[0-9a-f-]{32,}$")
 
 
 class BackupError(Exception):
@@ -302,18 +303,20 @@ def backup_index(config: BackupConfig, name: str | None = None) -> Path:
 
 
 def storage_files(config: BackupConfig) -> list[Path]:
-    """Return the stored files below the storage folder, relative to it, without the SQLite index."""
+    """Return Orthanc's attachments below the storage folder, relative to it.
+
+    Other files there are left out: the SQLite index when it shares the folder,
+    and caches that plugins such as the Web viewer keep in the storage folder.
+    """
     root = config.storage_directory
-    skip_index = root.resolve() == config.index_directory.resolve()
     found = []
     for folder, subfolders, names in os.walk(root):
         subfolders.sort()
         relative_folder = Path(folder).relative_to(root)
         for name in sorted(names):
-            if skip_index and relative_folder == Path(".") and name in SQLITE_INDEX_FILES:
-                continue
-            if (Path(folder) / name).is_file():
-                found.append(relative_folder / name)
+            relative = relative_folder / name
+            if _ATTACHMENT_PATH.match(relative.as_posix()) and (Path(folder) / name).is_file():
+                found.append(relative)
     return found
 
 

@@ -12,6 +12,7 @@ import fcntl
 import fnmatch
 import hashlib
 import posixpath
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,7 +46,7 @@ except ImportError as error:
 # The same closing line as `dicomfleet deploy` prints under an invalid inventory.
 NOTHING_DEPLOYED = "Nothing was deployed: fix the inventory and run the deploy again."
 
-# Names of files and folders in an inventory folder that Ansible does not read.
+# Subfolders of an inventory folder that Ansible reads as variables, not as inventories.
 SKIPPED_FOLDERS = ("group_vars", "host_vars")
 
 
@@ -55,7 +56,7 @@ class PlanError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Component:
-    """What one role deploys: its systemd unit, and the users and Debian packages that unit needs."""
+    """The part of a plan that one component role deploys: a systemd unit, its users and its Debian packages."""
 
     name: str
     unit: str
@@ -326,8 +327,8 @@ def split_plan(plan: render.HostPlan) -> dict[str, dict[str, Any]]:
 def parent_folders(files: list[dict[str, Any]], planned: set[str]) -> list[dict[str, str]]:
     """Return the folders of FILES that are not among the PLANNED folders, shallowest first.
 
-    pyinfra's files.put creates such a folder when it is missing and gives it
-    the owner and group of the first file put there; the roles do the same.
+    pyinfra's files.put creates such a folder when it is missing. It gives the
+    folder the owner and group of the first file put there, and so do the roles.
     """
     parents: dict[str, dict[str, str]] = {}
     for managed in files:
@@ -470,7 +471,12 @@ class ActionModule(ActionBase):
         rebuilt = False
         if arguments["build_wheelhouse"]:
             before = _wheelhouse_state(folder)
-            wheelhouse.build(folder)
+            try:
+                wheelhouse.build(folder)
+            except (subprocess.CalledProcessError, OSError) as error:
+                raise PlanError(f"Building the wheelhouse in {folder} failed ({error}); run "
+                                "'dicomfleet wheelhouse' to see pip's output, fix the cause and run the "
+                                "playbook again.") from None
             rebuilt = _wheelhouse_state(folder) != before
 
         for name in generated:
