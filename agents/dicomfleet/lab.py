@@ -236,8 +236,29 @@ def _check_lab_address(address: str) -> str:
 # Control machine tools, key and base image -----------------------------------
 
 
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+MIN_INOTIFY_INSTANCES = 1024
+
+
+def ensure_inotify_instances() -> None:
+    """Raise the kernel's inotify instance limit to MIN_INOTIFY_INSTANCES if it is lower.
+
+    Every container's systemd and every local agent take inotify instances from
+    root's share (128 by default); when it runs out, a booting container fails
+    with "Too many open files".
+    """
+    try:
+        current = int(INOTIFY_INSTANCES.read_text())
+        if current < MIN_INOTIFY_INSTANCES:
+            INOTIFY_INSTANCES.write_text(f"{MIN_INOTIFY_INSTANCES}\n")
+            log.info("Raised fs.inotify.max_user_instances from %d to %d", current, MIN_INOTIFY_INSTANCES)
+    except OSError as error:
+        log.warning("Could not raise fs.inotify.max_user_instances: %s", error)
+
+
 def ensure_tools() -> None:
     """Install systemd-container, debootstrap and openssh-client with apt-get if a tool is missing."""
+    ensure_inotify_instances()
     missing = sorted({package for tool, package in TOOL_PACKAGES.items() if shutil.which(tool) is None})
     if not missing:
         return
