@@ -75,6 +75,18 @@ def write_local_inventory(folder: Path, machines: list[dict], central: dict | No
     return path
 
 
+def _terminate(process: subprocess.Popen | None) -> None:
+    """Stop PROCESS with SIGTERM, then SIGKILL after 20 s, and reap it."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class OrthancProcess:
     """A real Orthanc started from the configuration the project renders for SITE's central host."""
 
@@ -129,13 +141,7 @@ class OrthancProcess:
 
     def stop(self) -> None:
         """Stop Orthanc and wait for it to exit."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _terminate(self.process)
         self.process = None
 
     def get(self, path: str, **kwargs):
@@ -175,13 +181,7 @@ class SecantusProcess:
 
     def stop(self) -> None:
         """Stop the server and wait for it to exit."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _terminate(self.process)
         self.process = None
 
 
