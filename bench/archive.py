@@ -1,7 +1,7 @@
 """The Orthanc every benchmark stores into: real Orthanc 1.10 on loopback ports, emptied between runs.
 
-Its inventory registers the benchmark's clients: a REST user for the raw HTTP
-clients, the agent's machine, and the AE title of the DICOM clients at 127.0.0.1.
+Its inventory registers the benchmark's clients: a REST user for the raw HTTP clients, the
+agent's machines (REST and C-STORE), and the AE title of the DICOM clients at 127.0.0.1.
 """
 
 from __future__ import annotations

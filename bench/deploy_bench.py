@@ -37,14 +37,21 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _ANSIBLE_RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 
 
-def pyinfra_changes(output: str) -> collections.Counter:
-    """Return the operations pyinfra reported as changed (Success), per host, from its output."""
+def pyinfra_changes(output: str) -> collections.Counter | None:
+    """Return the operations pyinfra reported as changed (Success), per host, or None when OUTPUT has no result line.
+
+    pyinfra 3 prints these lines on stderr, so OUTPUT must include it.
+    """
     changed: collections.Counter = collections.Counter()
+    results = 0
     for line in _ANSI_ESCAPE.sub("", output).splitlines():
         match = _PYINFRA_RESULT.match(line)
-        if match and match.group(2) == "Success":
+        if not match:
+            continue
+        results += 1
+        if match.group(2) == "Success":
             changed[match.group(1)] += 1
-    return changed
+    return changed if results else None
 
 
 def ansible_changes(output: str) -> collections.Counter | None:
@@ -141,7 +148,12 @@ def measure_deploys(folder: Path, with_ansible: bool = True) -> DeployResult:
             result.notes.append(f"the rerun failed with status {rerun.returncode}: {rerun.stderr[-500:]}")
             return result
         result.rerun_s = seconds
-        result.rerun_changes = sum(pyinfra_changes(rerun.stdout).values())
+        changes = pyinfra_changes(rerun.stdout + "\n" + rerun.stderr)
+        if changes is None:
+            result.notes.append("pyinfra's output of the rerun held no per-host result line, so its changes are "
+                                "not counted")
+        else:
+            result.rerun_changes = sum(changes.values())
 
         command = ansible_playbook_command(inventory) if with_ansible else None
         if command is None:
@@ -160,7 +172,7 @@ def _run_ansible(command: list[str], log_path: Path) -> tuple[float, int | None,
     run = subprocess.run(command, cwd=wheelhouse.project_root(), capture_output=True, text=True, check=False)
     seconds = time.monotonic() - started
     log_path.write_text(run.stdout + "\n" + run.stderr, encoding="utf-8")
-    changes = ansible_changes(run.stdout)
+    changes = ansible_changes(run.stdout + "\n" + run.stderr)
     if run.returncode != 0 or changes is None:
         log.error("ansible-playbook failed with status %d; see %s.", run.returncode, log_path)
         return seconds, None, run.stdout[-500:]

@@ -148,6 +148,7 @@ class FleetResult:
     machines: int
     agent_processes: int
     machines_per_process: int
+    agent_restarts: int
     files_dropped: int
     bytes_dropped: int
     files_sent: int | None
@@ -232,9 +233,52 @@ def write_group_config(site, hosts: list[str], folder: Path, secrets) -> Path:
     return path
 
 
-def _start_agents(site: SyncSite, groups: list[list[str]], folder: Path) -> tuple[list[AgentProcess], list[Path]]:
-    """Start one agent process per group of machine ids, START_BATCH at a time; return them and their status files."""
-    agents: list[AgentProcess] = []
+class Supervisor:
+    """Restarts agent processes that exit, as the deployed unit does (Restart=always, RestartSec=5)."""
+
+    def __init__(self, restart_after_s: float = 5.0):
+        self.agents: list[AgentProcess] = []
+        self.restart_after_s = restart_after_s
+        self.exited_at: dict[int, float] = {}
+        self.restarts = 0
+        self.first_exit = ""
+
+    def add(self, agent: AgentProcess) -> None:
+        """Supervise AGENT, which is already started."""
+        self.agents.append(agent)
+
+    def check(self) -> None:
+        """Restart every agent that has been down for RESTART_AFTER_S seconds."""
+        now = time.monotonic()
+        for number, agent in enumerate(self.agents):
+            if agent.running:
+                continue
+
+            if number not in self.exited_at:
+                self.exited_at[number] = now
+                if not self.first_exit:
+                    self.first_exit = (f"{agent.config} exited with status {agent.process.returncode}: "
+                                       f"{agent.log_tail(300)}")
+                log.warning("Agent %s exited with status %s; restarting it in %.0f s.", agent.config,
+                            agent.process.returncode, self.restart_after_s)
+                continue
+
+            if now - self.exited_at[number] >= self.restart_after_s:
+                del self.exited_at[number]
+                self.restarts += 1
+                agent.start()
+
+    def stop_all(self) -> None:
+        """Stop every agent: SIGTERM to all first, then wait for each."""
+        for agent in self.agents:
+            if agent.running:
+                agent.process.send_signal(signal.SIGTERM)
+        for agent in self.agents:
+            agent.stop()
+
+
+def _start_agents(site: SyncSite, groups: list[list[str]], folder: Path, supervisor: Supervisor) -> list[Path]:
+    """Start one agent process per group of machine ids, START_BATCH at a time; return their status files."""
     status_files: list[Path] = []
     for first in range(0, len(groups), START_BATCH):
         batch_files = []
@@ -244,26 +288,18 @@ def _start_agents(site: SyncSite, groups: list[list[str]], folder: Path) -> tupl
             agent_folder = folder / f"agent-{number:03d}"
             agent_folder.mkdir(parents=True, exist_ok=True)
             config = write_group_config(site.archive.site, machine_group, agent_folder, site.archive.orthanc.secrets)
-            agents.append(AgentProcess(config, agent_folder / "agent.log").start())
+            supervisor.add(AgentProcess(config, agent_folder / "agent.log").start())
             batch_files.append(agent_folder / "agent-state" / "status.json")
-        _wait_for_files(batch_files, timeout=300.0)
+        _wait_for_files(batch_files, supervisor, timeout=300.0)
         status_files += batch_files
-    return agents, status_files
-
-
-def _exited(agents: list[AgentProcess]) -> str:
-    dead = [agent for agent in agents if not agent.running]
-    if not dead:
-        return ""
-    return (f"{len(dead)} agent processes exited early, for example {dead[0].config}: "
-            f"{dead[0].log_tail(300)}")
+    return status_files
 
 
 def run_fleet(folder: Path, profile: DayProfile, with_sync: bool, timeout: float = 1200.0) -> FleetResult:
     """Start the fleet's agent processes, land the day's studies, and count every file."""
     machines_folder = folder / "machines"
     site = SyncSite(folder / "central", fleet_machines(profile, machines_folder)).start()
-    agents: list[AgentProcess] = []
+    supervisor = Supervisor()
     try:
         log.info("Staging %d files for %d machines.", profile.file_count, profile.machine_count)
         studies = stage_day(profile, folder / "staging")
@@ -279,37 +315,39 @@ def run_fleet(folder: Path, profile: DayProfile, with_sync: bool, timeout: float
         log.info("%d free inotify instances: starting %d agent processes of %d machines each.",
                  free if free is not None else -1, len(groups), per_process)
         started = time.monotonic()
-        agents, status_files = _start_agents(site, groups, folder / "agents")
+        status_files = _start_agents(site, groups, folder / "agents", supervisor)
         start_seconds = time.monotonic() - started
-        log.info("%d agents started in %.0f s.", len(agents), start_seconds)
-        notes = [note for note in [_exited(agents)] if note]
+        log.info("%d agents started in %.0f s.", len(supervisor.agents), start_seconds)
 
         expected = len([path for study in studies for path in study.files])
         released_at = time.monotonic()
         for study in studies:
             time.sleep(max(0.0, released_at + study.release_at - time.monotonic()))
+            supervisor.check()
             release(study, Path(site.archive.site.machines[study.machine].watch_folders[0]))
         log.info("All %d studies landed; waiting for Orthanc%s.", len(studies), " and MongoDB" if with_sync else "")
 
-        stored_at = site.archive.wait_for_instances(expected, timeout, interval=0.5)
+        stored_at = _wait_for_count(site.archive.count_instances, expected, supervisor, timeout)
         stored = site.archive.count_instances()
         recorded_at = None
         recorded = studies_recorded = wrong_source = None
         per_machine = {}
         if with_sync:
-            recorded_at = _wait_for_records(site, expected, timeout)
+            recorded_at = _wait_for_count(lambda: _recorded_instances(site), expected, supervisor, timeout)
             recorded, studies_recorded, wrong_source, per_machine = _count_records(site, studies)
 
         # The status file is rewritten every few seconds; give it one more turn.
         time.sleep(6.0)
         sent_counts = [read_sent_count(path) for path in status_files]
         files_sent = None if any(count is None for count in sent_counts) else sum(sent_counts)
-        exited = _exited(agents)
-        if exited and exited not in notes:
-            notes.append(exited)
+        notes = []
+        if supervisor.first_exit:
+            notes.append(f"agent processes exited and were restarted {supervisor.restarts} times, as systemd "
+                         f"restarts the deployed unit; the first exit: {supervisor.first_exit}")
 
         return FleetResult(
-            machines=profile.machine_count, agent_processes=len(agents), machines_per_process=per_process,
+            machines=profile.machine_count, agent_processes=len(supervisor.agents), machines_per_process=per_process,
+            agent_restarts=supervisor.restarts,
             files_dropped=expected, bytes_dropped=bytes_dropped, files_sent=files_sent, files_stored=stored,
             files_recorded=recorded, studies_expected=len(studies), studies_recorded=studies_recorded,
             studies_wrong_source=wrong_source,
@@ -318,11 +356,7 @@ def run_fleet(folder: Path, profile: DayProfile, with_sync: bool, timeout: float
             start_seconds=start_seconds, per_machine_lost=per_machine, notes=notes,
         )
     finally:
-        for agent in agents:
-            if agent.running:
-                agent.process.send_signal(signal.SIGTERM)
-        for agent in agents:
-            agent.stop()
+        supervisor.stop_all()
         site.stop()
         shutil.rmtree(machines_folder, ignore_errors=True)
         shutil.rmtree(folder / "agents", ignore_errors=True)
@@ -330,23 +364,25 @@ def run_fleet(folder: Path, profile: DayProfile, with_sync: bool, timeout: float
         shutil.rmtree(folder / "central" / "orthanc" / "orthanc-storage", ignore_errors=True)
 
 
-def _wait_for_files(paths, timeout: float) -> None:
+def _wait_for_files(paths, supervisor: Supervisor, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pending = list(paths)
     while pending and time.monotonic() < deadline:
+        supervisor.check()
         pending = [path for path in pending if not path.exists()]
         time.sleep(0.5)
     if pending:
         log.error("%d agents wrote no status file within %.0f s, for example %s.", len(pending), timeout, pending[0])
 
 
-def _wait_for_records(site: SyncSite, files: int, timeout: float) -> float | None:
+def _wait_for_count(count, expected: int, supervisor: Supervisor, timeout: float) -> float | None:
+    """Poll COUNT() until it reaches EXPECTED, restarting exited agents meanwhile; return the monotonic time or None."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        total = _recorded_instances(site)
-        if total >= files:
+        if count() >= expected:
             return time.monotonic()
-        time.sleep(1.0)
+        supervisor.check()
+        time.sleep(0.5)
     return None
 
 

@@ -30,7 +30,7 @@ SETTLE_TIMEOUT_S = 10.0
 
 
 def count_successes(output: str) -> int:
-    """Return how many Orthanc answers in OUTPUT report Status Success."""
+    """Return how many of Orthanc's responses in OUTPUT have Status Success."""
     return len(_SUCCESS.findall(output))
 
 

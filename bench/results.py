@@ -98,6 +98,8 @@ _SPECS = [
     FigureSpec("fleet_agent_processes", "processes", SECTION_FLEET, "agent processes, one per machine when they fit"),
     FigureSpec("fleet_machines_per_process", "machines", SECTION_FLEET,
                "[[machine]] entries per agent process, each with its own folder, user and AE title"),
+    FigureSpec("fleet_agent_restarts", "restarts", SECTION_FLEET,
+               "agent processes that exited and were restarted 5 s later, as the deployed unit's Restart=always does"),
     FigureSpec("fleet_files_dropped", "files", SECTION_FLEET, "files landed in the machines' export folders"),
     FigureSpec("fleet_mb_dropped", "MB", SECTION_FLEET, "their size"),
     FigureSpec("fleet_files_sent", "files", SECTION_FLEET, "files the agents report as sent (files_sent_today in their status files)"),

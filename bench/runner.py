@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench import agent_bench, dataset, deploy_bench, dicom_clients, fleet, rest_clients, sync_bench
+from bench import agent_bench, dashboard, dataset, deploy_bench, dicom_clients, fleet, rest_clients, sync_bench
 from bench.archive import CSTORE_MACHINE, BenchArchive, bench_machines
 from bench.results import SPECS, Results
 from bench.stats import TimedRun, median_rate
@@ -37,16 +37,18 @@ class Mode:
     catchup_studies: int
     idle_window_s: float
     day: fleet.DayProfile
+    page_studies: int
+    page_requests: int
     deploy: bool
 
 
 FULL = Mode(name="full", ct_files=300, rounds=3, latency_files=200, latency_rate_per_s=4.0,
             large_file_bytes=2_000_000_000, stable_studies=20, catchup_studies=10_000, idle_window_s=30.0,
-            day=fleet.FULL_DAY, deploy=True)
+            day=fleet.FULL_DAY, page_studies=100_000, page_requests=100, deploy=True)
 
 QUICK = Mode(name="quick", ct_files=100, rounds=1, latency_files=30, latency_rate_per_s=5.0,
-             large_file_bytes=200_000_000, stable_studies=5, catchup_studies=500, idle_window_s=10.0,
-             day=fleet.QUICK_DAY, deploy=False)
+             large_file_bytes=200_000_000, stable_studies=5, catchup_studies=300, idle_window_s=10.0,
+             day=fleet.QUICK_DAY, page_studies=5_000, page_requests=30, deploy=False)
 
 
 class BenchRun:
@@ -282,6 +284,7 @@ class BenchRun:
             "fleet_machines": result.machines,
             "fleet_agent_processes": result.agent_processes,
             "fleet_machines_per_process": result.machines_per_process,
+            "fleet_agent_restarts": result.agent_restarts,
             "fleet_files_dropped": result.files_dropped,
             "fleet_mb_dropped": round(result.bytes_dropped / 1_000_000, 1),
             "fleet_files_sent": result.files_sent,
@@ -302,10 +305,21 @@ class BenchRun:
     # The dashboard --------------------------------------------------------------------------
 
     def run_dashboard(self) -> None:
-        """Measure the fleet page's 95th percentile response time."""
-        # TODO: call the dashboard's own fleet page measurement once it exists.
-        self.results.skip(["fleet_page_machines", "fleet_page_studies", "fleet_page_p50_ms", "fleet_page_p95_ms"],
-                          "the dashboard's fleet page measurement does not exist yet")
+        """Measure the fleet page's response time with the dashboard's own measurement, bench.dashboard."""
+        folder = self.workdir / "dashboard"
+        folder.mkdir(parents=True, exist_ok=True)
+        page = dashboard.measure_fleet_page(machines=200, studies=self.mode.page_studies,
+                                            requests_count=self.mode.page_requests, folder=folder)
+        command = (f"python -m bench.dashboard --machines {page.machines} --studies {page.studies} "
+                   f"--requests {page.requests}")
+        note = (f"{page.requests} logged-in GET /fleet one after another, {page.machines} machines with a "
+                f"heartbeat each, {page.studies} study records ({page.studies_today} today); "
+                f"slowest {page.max_ms:.0f} ms")
+        self.results.set("fleet_page_machines", page.machines, command, note)
+        self.results.set("fleet_page_studies", page.studies, command, note)
+        self.results.set("fleet_page_p50_ms", page.p50_ms, command, note)
+        self.results.set("fleet_page_p95_ms", page.p95_ms, command, note)
+        shutil.rmtree(folder, ignore_errors=True)
 
     # Deploys --------------------------------------------------------------------------------
 

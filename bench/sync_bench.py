@@ -314,7 +314,7 @@ def load_live(site: SyncSite, studies: int, timeout: float) -> float:
 
 @dataclasses.dataclass
 class CatchUp:
-    """A sync started on an empty database while Orthanc holds STUDIES studies: the seconds until every record exists."""
+    """Seconds from the sync's start on an empty database until each of Orthanc's STUDIES studies has a record."""
 
     studies: int
     seconds: float | None

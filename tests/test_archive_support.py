@@ -136,6 +136,9 @@ def inventory_document(with_share2: bool = True) -> dict:
                                 "dicomfleet_orthanc_storage_directory": CLUSTER_STORAGE,
                                 "dicomfleet_mongodb_port": CLUSTER_MONGODB_PORT,
                                 "dicomfleet_mongodb_bind": NODES["n1"],
+                                # A study whose last instances reached a node that stopped becomes
+                                # stable on no node; the sync's reconcile records it.
+                                "dicomfleet_sync_reconcile_interval_s": 20,
                             },
                             "hosts": nodes,
                         },

@@ -37,7 +37,11 @@ def test_pyinfra_changes_per_host():
 
 
 def test_pyinfra_no_change_output():
-    assert sum(deploy_bench.pyinfra_changes("    [central] No changes\n").values()) == 0
+    assert deploy_bench.pyinfra_changes("    [central] No changes\n") == {}
+
+
+def test_pyinfra_output_without_results_is_none():
+    assert deploy_bench.pyinfra_changes("--> Loading config...\n") is None
 
 
 def test_ansible_changes_from_recap():

@@ -63,7 +63,7 @@ def test_release_moves_study_into_subfolder(tmp_path):
 
 def test_files_lost_counts_missing_in_mongodb():
     result = fleet.FleetResult(
-        machines=2, agent_processes=2, machines_per_process=1, files_dropped=10, bytes_dropped=0, files_sent=10, files_stored=10,
+        machines=2, agent_processes=2, machines_per_process=1, agent_restarts=0, files_dropped=10, bytes_dropped=0, files_sent=10, files_stored=10,
         files_recorded=8, studies_expected=2, studies_recorded=2, studies_wrong_source=0,
         seconds_to_stored=1.0, seconds_to_recorded=None, start_seconds=1.0, per_machine_lost={"ct001": 2})
     assert result.files_lost == 2

@@ -206,9 +206,10 @@ def _sqlite_counts(connection: sqlite3.Connection) -> dict[str, int]:
 def backup_sqlite_index(config: BackupConfig, name: str) -> Path:
     """Copy the SQLite index with SQLite's backup API into the index folder; return the copy.
 
-    Orthanc 1.10 keeps an exclusive lock on its index while it runs, so the copy
-    needs Orthanc stopped: dicomfleet-backup-index.service stops orthanc.service
-    for the copy and starts it again afterwards.
+    Orthanc 1.10.1 keeps its index locked while it runs (a copy fails with
+    "database is locked"), so the copy needs Orthanc stopped:
+    dicomfleet-backup-index.service stops orthanc.service for the copy and
+    starts it again afterwards.
     """
     source_path = config.index_directory / "index"
     if not source_path.is_file():
@@ -235,8 +236,8 @@ def backup_sqlite_index(config: BackupConfig, name: str) -> Path:
         partial.unlink(missing_ok=True)
         if "locked" in str(error):
             raise BackupError(
-                f"Orthanc's index {source_path} is locked: Orthanc 1.10 holds an exclusive lock while it "
-                f"runs. Start dicomfleet-backup-index.service, which stops {config.unit} for the copy, "
+                f"Orthanc's index {source_path} is locked: Orthanc 1.10 keeps it locked while it runs. "
+                f"Start dicomfleet-backup-index.service, which stops {config.unit} for the copy, "
                 "or stop Orthanc first.") from error
         raise BackupError(f"Copying Orthanc's index {source_path} failed: {error}.") from error
     finally:
