@@ -383,6 +383,7 @@ def _agent_config(deployed, folder: Path, watch: Path) -> Path:
     (ct1,) = [block for block in machines if block.startswith('id = "ct1"')]
     ct1 = re.sub(r'(?m)^orthanc_url = .*$', f'orthanc_url = "{BALANCER_URL}"', ct1)
     ct1 = ct1.replace('"/srv/share/ct1"', json.dumps(str(watch)))
+    ct1 = re.sub(r'(?m)^ca_file = .*\n', "", ct1)
     ct1 += f"ca_file = {json.dumps(deployed['ca'])}\n"
     path.write_text(head.rstrip() + "\n\n[[machine]]\n" + ct1)
     return path

@@ -53,6 +53,8 @@ def write_local_inventory(folder: Path, machines: list[dict], central: dict | No
         "dicomfleet_orthanc_plugins": [],
         "dicomfleet_orthanc_stable_age": 2,
         "dicomfleet_mongodb_uri": "",
+        # A local run has no nginx in front of Orthanc, so agents send plain HTTP on loopback.
+        "dicomfleet_tls": False,
     }
     central_vars.update(central or {})
 

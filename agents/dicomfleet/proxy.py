@@ -53,12 +53,7 @@ def orthanc_https_url(site: Site, server: OrthancServer) -> str:
 
 
 def machine_url(site: Site, machine: Machine) -> str:
-    """Return the REST URL MACHINE's agent sends to: a cluster's balancer, HTTPS, or plain HTTP without TLS.
-
-    TODO: templates/agent.toml.j2 still renders the server's plain HTTP URL,
-    because the agent does not read a ``ca_file`` yet; it should render this URL
-    and ``ca_file = tls.CA_FILE``.
-    """
+    """Return the REST URL MACHINE's agent sends to: a cluster's balancer, HTTPS, or plain HTTP without TLS."""
     cluster = clusters.cluster_of(site, machine.orthanc)
     if cluster is not None:
         return cluster.url

@@ -232,7 +232,19 @@ def agent_context(site: Site, host: str, machines: list[Machine]) -> dict:
             "workers": int(data.get("dicomfleet_agent_workers", 4)),
         },
         "heartbeat": _heartbeat_settings(site, data, machines),
+        "rest": _rest_targets(site, machines),
     }
+
+
+def _rest_targets(site: Site, machines: list[Machine]) -> dict[str, dict]:
+    """Return, per machine id, the REST URL its agent sends to and the CA file that verifies it over HTTPS."""
+    from dicomfleet import proxy, tls
+
+    targets = {}
+    for machine in machines:
+        url = proxy.machine_url(site, machine)
+        targets[machine.id] = {"url": url, "ca_file": tls.CA_FILE if url.startswith("https://") else None}
+    return targets
 
 
 def _heartbeat_settings(site: Site, data: dict, machines: list[Machine]) -> dict | None:
