@@ -193,6 +193,8 @@ def test_share_agent_tags_each_machine(tmp_path):
         "dicomfleet_orthanc_dicom_port": localservers.free_port(),
         "dicomfleet_orthanc_storage_directory": str(tmp_path / "orthanc-storage"),
         "dicomfleet_orthanc_plugins": [],
+        # This Orthanc runs without nginx in front, so the agent sends plain HTTP.
+        "dicomfleet_tls": False,
     }
     site = load_site(_write(tmp_path, _share_document(share, central)))
     orthanc = localservers.OrthancProcess(site, tmp_path).start()

@@ -55,6 +55,8 @@ def write_local_inventory(folder: Path, machines: list[dict], central: dict | No
         "dicomfleet_mongodb_uri": "",
         # A local run has no nginx in front of Orthanc, so agents send plain HTTP on loopback.
         "dicomfleet_tls": False,
+        # Several local syncs may run at once; their metrics are asked for explicitly.
+        "dicomfleet_sync_metrics_port": 0,
     }
     central_vars.update(central or {})
 
@@ -187,14 +189,18 @@ class SecantusProcess:
         self.process = None
 
 
-def write_agent_config(site: Site, host: str, folder: Path, secrets: credentials.SiteSecrets) -> Path:
+def write_agent_config(site: Site, host: str, folder: Path, secrets: credentials.SiteSecrets,
+                       metrics_port: int = 0) -> Path:
     """Render HOST's agent.toml for a local run: state under FOLDER, passwords from files.
 
     The deployed agent reads its passwords from systemd credentials; a local
-    run points each machine's ``password_file`` at the secret instead.
+    run points each machine's ``password_file`` at the secret instead. The
+    metrics endpoint is off unless METRICS_PORT is given, because local runs
+    start many agents on one machine and the inventory's port would collide.
     """
     machines = [m for m in site.machines.values() if m.agent_host == host]
     context = render.agent_context(site, host, machines)
+    context["metrics_port_override"] = metrics_port
     text = render.render_template("agent.toml.j2", context)
     text = text.replace("/var/lib/dicomfleet-agent", str(folder / "agent-state"))
 

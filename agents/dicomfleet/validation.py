@@ -88,6 +88,15 @@ def _port_problem(value: Any) -> str | None:
     return None
 
 
+def _port_or_off_problem(value: Any) -> str | None:
+    if type(value) is int and value == 0:
+        return None
+    problem = _port_problem(value)
+    if problem:
+        return f"{problem} (0 turns it off)"
+    return None
+
+
 def _string_problem(value: Any) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return "must be a non-empty string"
@@ -239,8 +248,10 @@ SCHEMA: dict[str, tuple[Callable[[Any], str | None], str]] = {
     "dicomfleet_agent_rescan_interval_s": (_positive_problem, "seconds between full rescans of the watch folders"),
     "dicomfleet_agent_quiet_time_s": (_positive_problem, "seconds a polled file must stay unchanged before it is sent"),
     "dicomfleet_agent_workers": (_positive_problem, "concurrent uploads per agent"),
+    "dicomfleet_agent_metrics_port": (_port_or_off_problem, "the agent's Prometheus metrics port on 127.0.0.1, 0 for off"),
     "dicomfleet_records_on_delete": (_choice(("mark", "remove")), "what the sync does with the record of a deleted study"),
     "dicomfleet_sync_reconcile_interval_s": (_count_problem, "seconds between the sync's full reconciles, 0 for only at start"),
+    "dicomfleet_sync_metrics_port": (_port_or_off_problem, "the sync's Prometheus metrics port on 127.0.0.1, 0 for off"),
     "dicomfleet_timezone": (_timezone_problem, "the site's time zone for working hours and 'today' (default: the central host's)"),
     "dicomfleet_working_hours": (workinghours.problem, "when the machine is expected to send images, e.g. 'Mon-Fri 07:00-19:00' or 'always'"),
     "dicomfleet_silent_after_minutes": (_positive_problem, "working minutes without a study before the machine counts as silent"),

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from dicomfleet.agent.heartbeat import HeartbeatConfigError, HeartbeatSettings, parse_heartbeat_table
+from dicomfleet.metrics_endpoint import ListenAddress, listen_problem, parse_listen
 from dicomfleet.validation import MODALITIES, ae_title_problem
 
 TRANSPORT_REST = "rest"
@@ -91,6 +92,8 @@ class AgentConfig:
     machines: tuple[MachineConfig, ...]
     # Where to send heartbeats; None when the configuration has no [heartbeat] table.
     heartbeat: HeartbeatSettings | None = None
+    # Where the Prometheus metrics are served, or None when [metrics] is absent or its port is 0.
+    metrics_listen: ListenAddress | None = None
 
     def machine(self, machine_id: str) -> MachineConfig:
         """Return the machine MACHINE_ID."""
@@ -212,6 +215,10 @@ AGENT_KEYS: dict[str, tuple[Callable[[Any], str | None], bool, Any]] = {
     "workers": (_worker_count, False, 4),
 }
 
+METRICS_KEYS: dict[str, tuple[Callable[[Any], str | None], bool, Any]] = {
+    "listen": (listen_problem, True, None),
+}
+
 MACHINE_KEYS: dict[str, tuple[Callable[[Any], str | None], bool, Any]] = {
     "id": (_machine_id, True, None),
     "ae_title": (_ae_title, True, None),
@@ -288,6 +295,21 @@ def _check_folders(machines: list[MachineConfig], where: str, problems: list[str
             owners[normal] = machine.id
 
 
+def _metrics_listen(table: Any, path: Path, problems: list[str]) -> ListenAddress | None:
+    """Return the [metrics] listen address, or None when the table is absent or its port is 0."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        problems.append(f"{path}: metrics must be a table written as [metrics].")
+        return None
+
+    before = len(problems)
+    values = _check_table(table, METRICS_KEYS, f"{path}: [metrics]", problems)
+    if len(problems) > before:
+        return None
+    return parse_listen(values["listen"])
+
+
 def parse_config(text: str, path: Path) -> AgentConfig:
     """Parse and check the agent configuration TEXT read from PATH."""
     try:
@@ -297,9 +319,9 @@ def parse_config(text: str, path: Path) -> AgentConfig:
 
     problems: list[str] = []
     for key in document:
-        if key not in ("agent", "heartbeat", "machine"):
-            problems.append(f"{path}: unknown top-level key or table {key!r} (expected [agent], [heartbeat] "
-                            "and [[machine]]).")
+        if key not in ("agent", "heartbeat", "metrics", "machine"):
+            problems.append(f"{path}: unknown top-level key or table {key!r} (expected [agent], [heartbeat], "
+                            "[metrics] and [[machine]]).")
 
     heartbeat = None
     if "heartbeat" in document:
@@ -313,6 +335,7 @@ def parse_config(text: str, path: Path) -> AgentConfig:
         problems.append(f"{path}: the [agent] table is missing.")
         agent_table = {}
     agent = _check_table(agent_table, AGENT_KEYS, f"{path}: [agent]", problems)
+    metrics_listen = _metrics_listen(document.get("metrics"), path, problems)
 
     machine_tables = document.get("machine")
     if not isinstance(machine_tables, list) or not machine_tables:
@@ -358,6 +381,7 @@ def parse_config(text: str, path: Path) -> AgentConfig:
         workers=int(agent["workers"]),
         machines=tuple(machines),
         heartbeat=heartbeat,
+        metrics_listen=metrics_listen,
     )
 
 

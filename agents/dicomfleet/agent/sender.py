@@ -39,11 +39,22 @@ CANNOT_UNDERSTAND_ATTEMPTS = 3
 
 @dataclasses.dataclass
 class MachineActivity:
-    """The latest send results of one machine, for the status file."""
+    """The latest send results of one machine, for the status file and the metrics."""
 
     last_success_at: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    # Files stored in Orthanc (including AlreadyStored) and their bytes, since the agent started.
+    files_sent: int = 0
+    bytes_sent: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count_sent(self, size: int) -> None:
+        """Count one file of SIZE bytes stored in Orthanc and note the time of this success."""
+        with self.lock:
+            self.files_sent += 1
+            self.bytes_sent += size
+            self.last_success_at = time.time()
 
 
 class Sender:
@@ -337,7 +348,7 @@ class Sender:
                 session: requests.Session, target: rest.OrthancTarget) -> None:
         """Record a stored file, apply its after-send policy, and resume the machine's backlog after an outage."""
         self.spool.mark_sent(record.id, instance_id, sha256=sha256)
-        self.activity[machine.id].last_success_at = time.time()
+        self.activity[machine.id].count_sent(record.size)
         log.info("Stored file %s of machine %s as Orthanc instance %s (%s); SOP Instance UID %s, study %s.",
                  record.path, machine.id, instance_id, status, verdict.sop_instance_uid,
                  verdict.study_instance_uid)

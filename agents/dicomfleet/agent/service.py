@@ -19,11 +19,13 @@ from dicomfleet import __version__
 from dicomfleet.agent import status
 from dicomfleet.agent.config import AgentConfig, ConfigError, load_config
 from dicomfleet.agent.heartbeat import HeartbeatSender
+from dicomfleet.agent.metrics import AgentCollector
 from dicomfleet.agent.password import PasswordError, read_password
 from dicomfleet.agent.repeats import RepeatedProblems
 from dicomfleet.agent.sender import Sender
 from dicomfleet.agent.spool import Spool, SpoolError
 from dicomfleet.agent.watcher import FolderWatcher
+from dicomfleet.metrics_endpoint import MetricsEndpoint
 
 log = logging.getLogger("dicomfleet.agent")
 
@@ -119,6 +121,11 @@ def main(args: list[str] | None = None) -> int:
                                      lambda: status.build_status(config, spool, sender, started_at), stop)
         heartbeats.start()
 
+    metrics = None
+    if config.metrics_listen is not None:
+        metrics = MetricsEndpoint(config.metrics_listen, AgentCollector(config, spool, sender), "agent")
+        metrics.start()
+
     problems = RepeatedProblems(log)
     while not stop.is_set():
         _write_status(config, spool, sender, started_at, problems)
@@ -129,6 +136,8 @@ def main(args: list[str] | None = None) -> int:
     if heartbeats is not None:
         heartbeats.join(config.heartbeat.timeout_s + 1)
     _write_status(config, spool, sender, started_at, problems)
+    if metrics is not None:
+        metrics.stop()
     spool.close()
     if watcher_failed.is_set():
         log.error("dicomfleet agent stopped after the folder watcher failed.")

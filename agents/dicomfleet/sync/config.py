@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
+from dicomfleet.metrics_endpoint import ListenAddress, listen_problem, parse_listen
 from dicomfleet.validation import MODALITIES, address_problem, ae_title_problem
 
 PATIENT_ID_DICOM = "dicom"
@@ -118,6 +119,8 @@ class SyncConfig:
     machines: tuple[MachineEntry, ...]
     # Seconds between full reconciles while the service runs; 0 turns them off.
     reconcile_interval_s: float
+    # Where the Prometheus metrics are served, or None when [metrics] is absent or its port is 0.
+    metrics_listen: ListenAddress | None = None
 
 
 def _string_problem(value: Any) -> str | None:
@@ -211,6 +214,9 @@ _RECORDS_KEYS = {
 _RECONCILE_KEYS = {
     "interval_s": (_interval_problem, False, DEFAULT_RECONCILE_INTERVAL_S),
 }
+_METRICS_KEYS = {
+    "listen": (listen_problem, True, None),
+}
 _MACHINE_KEYS = {
     "id": (_machine_id_problem, True, None),
     "ae_title": (_ae_title_problem, True, None),
@@ -223,8 +229,11 @@ _TABLES = {
     "mongodb": _MONGODB_KEYS,
     "records": _RECORDS_KEYS,
     "reconcile": _RECONCILE_KEYS,
+    "metrics": _METRICS_KEYS,
 }
 _REQUIRED_TABLES = ("orthanc", "mongodb")
+# Tables that are left out, not filled with defaults, when the file lacks them.
+_OPTIONAL_TABLES = ("metrics",)
 
 
 def _describe(value: Any) -> str:
@@ -303,7 +312,7 @@ def parse_config(text: str, path: Path) -> SyncConfig:
 
     tables = {}
     for table, keys in _TABLES.items():
-        if table not in document and table in _REQUIRED_TABLES:
+        if table not in document and (table in _REQUIRED_TABLES or table in _OPTIONAL_TABLES):
             continue
         tables[table] = _check_table(where, f"[{table}]", document.get(table, {}), keys, problems)
     machines = _check_machines(where, document.get("machine", []), problems)
@@ -332,6 +341,7 @@ def parse_config(text: str, path: Path) -> SyncConfig:
         ),
         machines=tuple(MachineEntry(**machine) for machine in machines),
         reconcile_interval_s=float(tables["reconcile"]["interval_s"]),
+        metrics_listen=parse_listen(tables["metrics"]["listen"]) if "metrics" in tables else None,
     )
 
 

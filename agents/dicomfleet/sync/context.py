@@ -14,6 +14,7 @@ import pymongo
 
 from dicomfleet.sync import store
 from dicomfleet.sync.config import SyncConfig
+from dicomfleet.sync.metrics import SyncStats
 from dicomfleet.sync.orthanc import OrthancClient, OrthancUnavailable
 from dicomfleet.sync.provenance import MachineDirectory
 from dicomfleet.sync.retry import Outage, call_with_retry
@@ -36,6 +37,8 @@ class SyncContext:
     mongodb_outage: Outage
     # None retries until success (the service); a number gives up after that many failures (the CLI).
     max_attempts: int | None = None
+    # Progress counters for the metrics endpoint.
+    stats: SyncStats = dataclasses.field(default_factory=SyncStats)
 
     def call_orthanc(self, action: str, call: Callable[[], T]) -> T:
         """Return CALL's result, retrying while Orthanc is unavailable; ACTION names it in the log."""

@@ -32,10 +32,21 @@ class ChangeFollower:
 
     def __init__(self, context: SyncContext):
         self.context = context
-        self.checkpoint = Checkpoint(seq=0, last_change=None)
+        # Unknown until read from MongoDB, so the metrics leave it out until then.
+        self._checkpoint = Checkpoint(seq=0, last_change=None)
         self.seen_recoveries = 0
         self.last_reconcile = time.monotonic()
         self.backlog = 0
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The change the records are written up to."""
+        return self._checkpoint
+
+    @checkpoint.setter
+    def checkpoint(self, checkpoint: Checkpoint) -> None:
+        self._checkpoint = checkpoint
+        self.context.stats.checkpoint_seq = checkpoint.seq
 
     def run(self) -> None:
         """Prepare MongoDB, check Orthanc's database, reconcile, then follow the feed until stopped."""
@@ -58,6 +69,7 @@ class ChangeFollower:
         since = self.checkpoint.seq
         page = context.call_orthanc(f"reading the changes after {since}",
                                     lambda: context.orthanc.changes(since, PAGE_LIMIT))
+        context.stats.orthanc_last_seq = page.last
 
         if context.orthanc_outage.recoveries != self.seen_recoveries:
             self.seen_recoveries = context.orthanc_outage.recoveries
@@ -75,6 +87,7 @@ class ChangeFollower:
             return
 
         self._write_page(page)
+        context.stats.last_cycle_at = time.time()
         if not page.done:
             self.backlog += len(page.changes)
             return

@@ -198,6 +198,7 @@ def reconcile(context: SyncContext, repair: bool) -> ReconcileReport:
     _compare(context, orthanc_studies, records, report)
     if repair:
         _repair(context, report)
+    context.stats.note_reconcile(report)
 
     if report.differences:
         log.warning("Reconcile found differences: missing in MongoDB %d, missing in Orthanc %d, "

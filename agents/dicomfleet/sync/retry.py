@@ -35,6 +35,8 @@ class Outage:
         self.last_error_kind: str | None = None
         # Incremented each time the dependency comes back after failures.
         self.recoveries = 0
+        # When a call last succeeded (Unix time), or None before the first success.
+        self.last_success_at: float | None = None
 
     def failed(self, error: BaseException, action: str, delay: float) -> None:
         """Record a failed attempt at ACTION; log it if the outage starts or its error changes."""
@@ -60,6 +62,7 @@ class Outage:
 
     def succeeded(self) -> None:
         """Record a success; log the recovery if the dependency was down."""
+        self.last_success_at = time.time()
         if self.down_since is None:
             return
 

@@ -14,10 +14,12 @@ import threading
 import pymongo.errors
 
 from dicomfleet import __version__
+from dicomfleet.metrics_endpoint import MetricsEndpoint
 from dicomfleet.sync import reconcile
 from dicomfleet.sync.config import ConfigError, load_config
 from dicomfleet.sync.context import open_context
 from dicomfleet.sync.feed import ChangeFollower
+from dicomfleet.sync.metrics import SyncCollector
 from dicomfleet.sync.store import redact_uri
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,11 @@ def main(args: list[str] | None = None) -> int:
              "on_delete %s, periodic reconcile %s.", __version__, context.orthanc.label,
              redact_uri(config.mongodb.uri), config.mongodb.database, len(config.machines),
              config.records.patient_id_policy, config.records.on_delete, periodic)
+    metrics = None
+    if config.metrics_listen is not None:
+        metrics = MetricsEndpoint(config.metrics_listen, SyncCollector(context), "sync")
+        metrics.start()
+
     try:
         ChangeFollower(context).run()
     except Exception:
@@ -93,6 +100,8 @@ def main(args: list[str] | None = None) -> int:
         log.exception("Sync failed with an unexpected error; exiting with status 1.")
         return 1
     finally:
+        if metrics is not None:
+            metrics.stop()
         context.close()
     log.info("Sync stopped.")
     return 0

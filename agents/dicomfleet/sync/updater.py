@@ -79,6 +79,7 @@ def refresh_study(context: SyncContext, orthanc_id: str) -> str:
     if outcome == "unchanged":
         log.debug("Study %s (Orthanc study %s) is unchanged.", uid, orthanc_id)
     else:
+        context.stats.count_record_written()
         log.info("Study %s (Orthanc study %s) %s: %d series, %d instances, source machine %s.",
                  uid, orthanc_id, outcome, fields["seriesCount"], fields["instanceCount"],
                  fields["sourceMachine"] or "unknown")
@@ -96,5 +97,6 @@ def delete_study(context: SyncContext, selector: dict[str, str], label: str) -> 
     if outcome == "absent":
         log.debug("No live record of %s to delete.", label)
     else:
+        context.stats.count_record_written()
         log.info("Record of %s %s: the study is no longer in %s.", label, outcome, context.orthanc.label)
     return outcome
