@@ -112,8 +112,8 @@ class SyncSite:
         document = self.client[self.database]["sync_checkpoints"].find_one({})
         return int(document.get("seq", 0)) if document else 0
 
-    def write_config(self) -> Path:
-        """Render sync.toml for a local run, with Orthanc and MongoDB reached through the counting proxies."""
+    def write_config(self, counted: bool = True) -> Path:
+        """Render sync.toml for a local run, with Orthanc and MongoDB reached through the counting proxies when COUNTED."""
         server = self.archive.orthanc.server
         secrets = self.archive.orthanc.secrets
         text = render.render_template("sync.toml.j2", render.server_context(self.archive.site, server, secrets))
@@ -125,9 +125,9 @@ class SyncSite:
 
         lines = []
         for line in text.splitlines():
-            if line.startswith("url = "):
+            if counted and line.startswith("url = "):
                 line = f"url = {json.dumps(self.proxied_orthanc_url)}"
-            if line.startswith("uri = "):
+            if counted and line.startswith("uri = "):
                 line = f"uri = {json.dumps(self.proxied_mongodb_uri)}"
             if line.startswith("database = "):
                 line = f"database = {json.dumps(self.database)}"
@@ -138,9 +138,9 @@ class SyncSite:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def start_sync(self) -> subprocess.Popen:
-        """Write the configuration and start the sync, logging into sync.log."""
-        config = self.write_config()
+    def start_sync(self, counted: bool = True) -> subprocess.Popen:
+        """Write the configuration and start the sync, logging into sync.log; COUNTED as in write_config."""
+        config = self.write_config(counted)
         with open(self.log_path, "ab") as handle:
             self.process = subprocess.Popen(sync_command(config), stdout=handle, stderr=subprocess.STDOUT)
         log.info("Sync started with PID %d on %s.", self.process.pid, config)
@@ -318,7 +318,6 @@ class CatchUp:
 
     studies: int
     seconds: float | None
-    traffic_bytes: int
 
     @property
     def studies_per_s(self) -> float | None:
@@ -331,27 +330,26 @@ class CatchUp:
 def measure_catch_up(site: SyncSite, timeout: float) -> CatchUp:
     """Start the sync on an empty database of its own and time it until every study in Orthanc has a record.
 
-    This is the backlog a new sync meets on an existing archive. The sync is
-    stopped afterwards and the site points at the usual database again.
+    This is the backlog a new sync meets on an existing archive. The sync talks
+    to Orthanc and MongoDB directly, as deployed: the counting proxies serve
+    the idle-cost figures only. It is stopped afterwards and the site points
+    at the usual database again.
     """
     site.stop_sync()
     studies = int(site.archive.statistics()["CountStudies"])
     site.database = CATCH_UP_DATABASE
     site.client.drop_database(CATCH_UP_DATABASE)
     try:
-        site.reset_traffic()
         started = time.monotonic()
-        site.start_sync()
+        site.start_sync(counted=False)
         deadline = started + timeout
         while time.monotonic() < deadline and site.sync_running:
             if site.studies.count_documents({}) >= studies:
-                seconds = time.monotonic() - started
-                traffic = site.orthanc_proxy.traffic().total_bytes + site.mongodb_proxy.traffic().total_bytes
-                return CatchUp(studies, seconds, traffic)
+                return CatchUp(studies, time.monotonic() - started)
             time.sleep(0.25)
         log.error("The sync did not record %d studies within %.0f s (running: %s); see %s.", studies, timeout,
                   site.sync_running, site.log_path)
-        return CatchUp(studies, None, 0)
+        return CatchUp(studies, None)
     finally:
         site.stop_sync()
         site.database = DATABASE

@@ -19,7 +19,7 @@ from dicomfleet.sync.store import TRANSIENT_ERRORS, Checkpoint
 
 log = logging.getLogger(__name__)
 
-PAGE_LIMIT = 100
+PAGE_LIMIT = 500
 POLL_INTERVAL_S = 1.0
 
 STABLE_STUDY = "StableStudy"
@@ -109,24 +109,52 @@ class ChangeFollower:
             if change.change_type == STABLE_STUDY:
                 last_stable[change.id] = index
 
-        written: Change | None = None
-        try:
-            for index, change in enumerate(page.changes):
-                if change.change_type == STABLE_STUDY and last_stable[change.id] == index:
-                    updater.refresh_study(self.context, change.id)
-                elif change.change_type == DELETED and change.resource_type == STUDY:
-                    updater.delete_study(self.context, {"orthancStudyId": change.id},
-                                         f"Orthanc study {change.id}")
-                written = change
-        except Stopped:
+        # Stable studies between two deletions are refreshed in parallel; a
+        # deletion waits for the refreshes before it, so their order holds.
+        done = [False] * len(page.changes)
+        batch: list[int] = []
+        stopped = False
+        for index, change in enumerate(page.changes):
+            if change.change_type == STABLE_STUDY and last_stable[change.id] == index:
+                batch.append(index)
+            elif change.change_type == DELETED and change.resource_type == STUDY:
+                stopped = self._refresh(page, batch, done)
+                if stopped:
+                    break
+                try:
+                    updater.delete_study(self.context, {"orthancStudyId": change.id}, f"Orthanc study {change.id}")
+                except Stopped:
+                    stopped = True
+                    break
+                done[index] = True
+            else:
+                done[index] = True
+        if not stopped:
+            stopped = self._refresh(page, batch, done)
+
+        # The checkpoint moves to the last change before the first one left unwritten.
+        written_count = done.index(False) if False in done else len(done)
+        written: Change | None = page.changes[written_count - 1] if written_count else None
+        if stopped:
             self._save_on_stop(written)
-            raise
+            raise Stopped()
 
         if written is not None:
             checkpoint = Checkpoint(seq=written.seq, last_change=written.fingerprint())
             self.context.call_mongodb(f"saving the checkpoint at change {written.seq}",
                                       lambda: self.context.checkpoints.save(checkpoint))
             self.checkpoint = checkpoint
+
+    def _refresh(self, page: ChangePage, batch: list[int], done: list[bool]) -> bool:
+        """Refresh the studies of PAGE's changes at the indexes BATCH, mark them in DONE, empty BATCH.
+
+        Returns True when the service is stopping and some were left unwritten.
+        """
+        outcomes = updater.refresh_studies(self.context, [page.changes[index].id for index in batch])
+        for index, outcome in zip(batch, outcomes):
+            done[index] = outcome is not None
+        batch.clear()
+        return None in outcomes
 
     def _save_on_stop(self, written: Change | None) -> None:
         """Save the checkpoint at the last written change with one attempt, because the service is stopping."""

@@ -19,6 +19,7 @@ from dicomfleet.sync import updater
 from dicomfleet.sync.config import ConfigError, load_config
 from dicomfleet.sync.context import SyncContext, open_context
 from dicomfleet.sync.orthanc import OrthancRequestError, OrthancUnavailable, ResourceNotFound
+from dicomfleet.sync.retry import Stopped
 from dicomfleet.sync.store import TRANSIENT_ERRORS, redact_uri
 
 log = logging.getLogger(__name__)
@@ -162,12 +163,14 @@ def _still_in_orthanc(context: SyncContext, study: StudyRef) -> bool:
 
 def _repair(context: SyncContext, report: ReconcileReport) -> None:
     to_refresh = report.missing_in_mongodb + [mismatch.study for mismatch in report.mismatches]
-    for study in to_refresh:
-        outcome = updater.refresh_study(context, study.orthanc_id)
+    outcomes = updater.refresh_studies(context, [study.orthanc_id for study in to_refresh])
+    for outcome in outcomes:
         if outcome in (updater.FAILED, updater.GONE):
             report.repair_failures += 1
-        else:
+        elif outcome is not None:
             report.repaired += 1
+    if None in outcomes:
+        raise Stopped()
 
     for study in report.missing_in_orthanc:
         # Check once more, because a study stored while the list was paged can shift the pages.

@@ -6,18 +6,23 @@ the study's UID, its Orthanc id and its source machine.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 
 from dicomfleet.sync.context import SyncContext
 from dicomfleet.sync.orthanc import OrthancRequestError, ResourceNotFound
 from dicomfleet.sync.provenance import BY_SOURCE_MACHINE
 from dicomfleet.sync.record import build_record, read_study
+from dicomfleet.sync.retry import Stopped
 from dicomfleet.sync.store import RecordRejected
 
 log = logging.getLogger(__name__)
 
 GONE = "gone"
 FAILED = "failed"
+# Studies read from Orthanc and written to MongoDB at once. Each study costs
+# several round trips, so a backlog or a repair is worked through in parallel.
+REFRESH_WORKERS = 4
 
 
 def _log_unknown_sources(uid: str, orthanc_id: str, built, context: SyncContext) -> None:
@@ -84,6 +89,28 @@ def refresh_study(context: SyncContext, orthanc_id: str) -> str:
                  uid, orthanc_id, outcome, fields["seriesCount"], fields["instanceCount"],
                  fields["sourceMachine"] or "unknown")
     return outcome
+
+
+def refresh_studies(context: SyncContext, orthanc_ids: list[str]) -> list[str | None]:
+    """Refresh the studies ORTHANC_IDS in parallel; return each one's outcome in order.
+
+    An outcome is None for a study left unwritten because the service is stopping.
+    """
+    if len(orthanc_ids) <= 1:
+        try:
+            return [refresh_study(context, orthanc_id) for orthanc_id in orthanc_ids]
+        except Stopped:
+            return [None] * len(orthanc_ids)
+
+    outcomes: list[str | None] = []
+    with concurrent.futures.ThreadPoolExecutor(REFRESH_WORKERS, thread_name_prefix="refresh") as pool:
+        futures = [pool.submit(refresh_study, context, orthanc_id) for orthanc_id in orthanc_ids]
+        for future in futures:
+            try:
+                outcomes.append(future.result())
+            except Stopped:
+                outcomes.append(None)
+    return outcomes
 
 
 def delete_study(context: SyncContext, selector: dict[str, str], label: str) -> str:
