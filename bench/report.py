@@ -33,7 +33,8 @@ EARLIER_SECONDS = {
 }
 
 HEADLINES = (
-    "ratio_agent_vs_best_rest", "ratio_agent_vs_curl_loop", "agent_latency_p50_s", "agent_latency_p99_s",
+    "ratio_agent_vs_best_rest", "ratio_agent_after_start_vs_best_rest", "ratio_agent_vs_curl_loop",
+    "agent_latency_p50_s", "agent_latency_p99_s",
     "ratio_cstore_vs_storescu", "agent_peak_rss_mb_2gb_file", "sync_stable_to_record_p50_s",
     "sync_catchup_studies_per_s", "sync_idle_cycle_bytes_10k_studies", "poll_idle_cycle_bytes_10k_studies",
     "fleet_machines", "fleet_files_lost", "dashboard_fleet_page_p95_ms", "deploy_lab_cold_s",

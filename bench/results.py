@@ -62,6 +62,9 @@ _SPECS = [
                "from the agent's process start to the first file of the backlog in Orthanc"),
     FigureSpec("agent_backlog_after_first_files_per_s", "files/s", SECTION_AGENT,
                "the backlog rate after the first file was stored, so without the agent's start-up"),
+    FigureSpec("ratio_agent_after_start_vs_best_rest", "ratio", SECTION_AGENT,
+               "agent backlog rate after its first stored file / best raw REST client rate (the raw clients "
+               "run inside the benchmark's process, so they start no interpreter)"),
     FigureSpec("agent_latency_p50_s", "s", SECTION_AGENT,
                "median delay from a file's close to its instance in Orthanc's change feed"),
     FigureSpec("agent_latency_p99_s", "s", SECTION_AGENT, "99th percentile of the same delay"),
@@ -199,6 +202,8 @@ class Results:
 
         self._ratio("ratio_agent_vs_best_rest", "agent_backlog_files_per_s", "best_rest_client_files_per_s")
         self._ratio("ratio_agent_vs_curl_loop", "agent_backlog_files_per_s", "curl_loop_files_per_s")
+        self._ratio("ratio_agent_after_start_vs_best_rest", "agent_backlog_after_first_files_per_s",
+                    "best_rest_client_files_per_s")
         self._ratio("ratio_cstore_vs_storescu", "cstore_files_per_s", "storescu_files_per_s")
         self._ratio("ratio_ansible_vs_pyinfra_rerun", "ansible_lab_rerun_s", "deploy_lab_rerun_s")
 

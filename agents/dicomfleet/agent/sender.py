@@ -111,7 +111,7 @@ class Sender:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
+            session = rest.new_session()
             self._local.session = session
         return session
 
@@ -261,12 +261,14 @@ class Sender:
             self._quarantine(record, machine, f"not a valid DICOM file: {verdict.reason}")
             return
 
-        syntax = None
+        if machine.transport != TRANSPORT_CSTORE:
+            # A REST upload hashes the bytes on the wire, so the file is read once more only for C-STORE.
+            self._send(record, machine, breaker, verdict)
+            return
+
         try:
-            if machine.transport == TRANSPORT_CSTORE:
-                syntax = cstore.read_syntax(path)
-            # A REST upload hashes its MD5 from the bytes on the wire, so only C-STORE needs it here.
-            digests = aftersend.file_digests(path, syntax.dataset_offset if syntax else None)
+            syntax = cstore.read_syntax(path)
+            digests = aftersend.file_digests(path, syntax.dataset_offset)
         except cstore.FileRejected as error:
             breaker.end_without_response()
             self._quarantine(record, machine, f"cannot be sent with C-STORE: {error}")
@@ -275,11 +277,7 @@ class Sender:
             breaker.end_without_response()
             self._report_unreadable(record, machine, error)
             return
-
-        if syntax is not None:
-            self._send_cstore(record, machine, breaker, verdict, syntax, digests)
-        else:
-            self._send(record, machine, breaker, verdict, digests.sha256)
+        self._send_cstore(record, machine, breaker, verdict, syntax, digests)
 
     def _report_unreadable(self, record: SpoolRecord, machine: MachineConfig, error: OSError) -> None:
         message = f"cannot read the file: {error.strerror or error}"
@@ -301,7 +299,7 @@ class Sender:
                                   verify=machine.ca_file or True)
 
     def _send(self, record: SpoolRecord, machine: MachineConfig, breaker: MachineBreaker,
-              verdict: dicomfile.Verdict, sha256: str) -> None:
+              verdict: dicomfile.Verdict) -> None:
         session = self._session()
         # After a rejection, read the password again in case it was fixed meanwhile.
         target = self._target(machine, reload=breaker.state == AUTH_REJECTED)
@@ -310,7 +308,7 @@ class Sender:
 
         try:
             result = rest.store_instance(session, target, record.path, record.size)
-            self._check_unchanged(record, machine, result, sha256, session, target)
+            self._check_unchanged(record, machine, result, session, target)
             self._tag_source_machine(session, machine, target, result)
         except rest.AuthError as error:
             breaker.auth_rejected(error.status)
@@ -507,13 +505,23 @@ class Sender:
         self._verify_and_apply(record, machine, record.instance_id, digests.md5, session, self._target(machine))
 
     def _check_unchanged(self, record: SpoolRecord, machine: MachineConfig, result: rest.StoreResult,
-                         sha256: str, session: requests.Session, target: rest.OrthancTarget) -> None:
-        """Raise _ChangedDuringSend when the bytes sent differ from the file hashed before the send."""
-        if result.sha256 == sha256:
+                         session: requests.Session, target: rest.OrthancTarget) -> None:
+        """Raise _ChangedDuringSend when the file's size or mtime changed while it was sent.
+
+        Its size and mtime matched the spool record just before the send, so the
+        bytes sent are the file's unless a writer touched it meanwhile.
+        """
+        try:
+            stat = os.stat(record.path)
+            after = (stat.st_size, stat.st_mtime_ns)
+        except FileNotFoundError:
+            # Deleted after a complete send: the bytes sent were the file's.
+            return
+        if after == (record.size, record.mtime_ns):
             return
 
-        log.warning("File %s of machine %s changed while it was sent (SHA-256 %s before, %s sent).",
-                    record.path, machine.id, sha256, result.sha256)
+        log.warning("File %s of machine %s changed while it was sent (size and mtime %s before, %s after).",
+                    record.path, machine.id, (record.size, record.mtime_ns), after)
         if result.status == rest.STATUS_SUCCESS:
             # The instance was created from a mix of old and new bytes. Delete it, or the finished
             # file would get AlreadyStored and the mixed copy would stay.

@@ -122,8 +122,10 @@ class Spool:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL syncs every commit, so a record survives a power cut once its file may be sent.
-            self._db.execute("PRAGMA synchronous=FULL")
+            # NORMAL keeps every commit through a crash of the agent; a power cut may lose the
+            # latest ones. That loses no file: the rescan at start queues every file again, and
+            # Orthanc returns AlreadyStored for one that was sent.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, 1, SCHEMA_VERSION):
                 raise SpoolError(

@@ -207,7 +207,12 @@ class FolderWatcher:
 
         candidate = self.candidates.get(path)
         if candidate is None or (candidate.size, candidate.mtime_ns) != identity:
-            self.candidates[path] = _Candidate(root, stat.st_size, stat.st_mtime_ns, time.monotonic())
+            since = time.monotonic()
+            if not root.machine.polling:
+                # A local file's mtime comes from this host's clock, so a file last
+                # written long ago has been unchanged that long and need not wait again.
+                since -= max(0.0, time.time() - stat.st_mtime_ns / 1e9)
+            self.candidates[path] = _Candidate(root, stat.st_size, stat.st_mtime_ns, since)
 
     def _check_candidates(self) -> None:
         """Queue the candidates whose size and mtime stayed unchanged for the quiet time."""
