@@ -134,10 +134,6 @@ class OrthancClient:
         """Return ``/studies/{id}/statistics`` (CountSeries, CountInstances, sizes)."""
         return self.get_json(f"/studies/{study_id}/statistics")
 
-    def instance_tags(self, instance_id: str) -> dict[str, Any]:
-        """Return the instance's DICOM tags keyed by keyword, with values as strings."""
-        return self.get_json(f"/instances/{instance_id}/simplified-tags")
-
     def instance_metadata(self, instance_id: str) -> dict[str, str]:
         """Return the instance's metadata: RemoteAET, RemoteIP, HttpUsername, ReceptionDate, SourceMachine..."""
         return self.get_json(f"/instances/{instance_id}/metadata?expand")

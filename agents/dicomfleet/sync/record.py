@@ -29,8 +29,6 @@ class StudySnapshot:
     orthanc_id: str
     study: dict[str, Any]
     series: list[dict[str, Any]]
-    # Tags of the study's first instance, or empty when the study has none left.
-    instance_tags: dict[str, Any]
     # Metadata per instance id, for the instances that still existed when read.
     instance_metadata: dict[str, dict[str, str]]
 
@@ -41,22 +39,17 @@ class StudySnapshot:
 
 
 def read_study(client: OrthancClient, orthanc_id: str) -> StudySnapshot:
-    """Read the study ORTHANC_ID, its series, its first instance's tags and every instance's metadata.
+    """Read the study ORTHANC_ID, its series and every instance's metadata.
 
-    Raises ResourceNotFound when the study itself is gone. An instance deleted
-    while it is read is left out.
+    Orthanc's main tags of the study, patient and series carry every field of
+    the record (Orthanc 1.10.1 keeps StationName at series level), so no
+    instance's full tag set is read. Raises ResourceNotFound when the study
+    itself is gone. An instance deleted while it is read is left out.
     """
     study = client.study(orthanc_id)
     series = client.study_series(orthanc_id)
 
     instance_ids = [instance_id for entry in series for instance_id in entry.get("Instances", [])]
-    instance_tags: dict[str, Any] = {}
-    if instance_ids:
-        try:
-            instance_tags = client.instance_tags(instance_ids[0])
-        except ResourceNotFound:
-            log.info("Instance %s of study %s was deleted while the sync read it.", instance_ids[0], orthanc_id)
-
     metadata: dict[str, dict[str, str]] = {}
     for instance_id in instance_ids:
         try:
@@ -64,8 +57,7 @@ def read_study(client: OrthancClient, orthanc_id: str) -> StudySnapshot:
         except ResourceNotFound:
             log.info("Instance %s of study %s was deleted while the sync read it.", instance_id, orthanc_id)
 
-    return StudySnapshot(orthanc_id=orthanc_id, study=study, series=series,
-                         instance_tags=instance_tags, instance_metadata=metadata)
+    return StudySnapshot(orthanc_id=orthanc_id, study=study, series=series, instance_metadata=metadata)
 
 
 def _text(tags: dict[str, Any], name: str) -> str | None:
@@ -120,12 +112,20 @@ class BuiltRecord:
     sources: StudySources
 
 
+def _station_name(series: list[dict[str, Any]]) -> str | None:
+    """Return the StationName of the first series, in series number order, that has one."""
+    for entry in sorted(series, key=_series_number):
+        name = _text(entry.get("MainDicomTags", {}), "StationName")
+        if name:
+            return name
+    return None
+
+
 def build_record(snapshot: StudySnapshot, source: OrthancSource, policy: RecordPolicy,
                  directory: MachineDirectory) -> BuiltRecord:
     """Build the MongoDB record of SNAPSHOT; createdAt, updatedAt and deletion fields are left to the store."""
     study_tags = snapshot.study.get("MainDicomTags", {})
     patient_tags = snapshot.study.get("PatientMainDicomTags", {})
-    instance_tags = snapshot.instance_tags
 
     # Reception order decides ties between machines, so sort by ReceptionDate.
     received: list[tuple[str, str, InstanceSource]] = []
@@ -150,7 +150,7 @@ def build_record(snapshot: StudySnapshot, source: OrthancSource, policy: RecordP
     if policy.patient_id_policy == PATIENT_ID_PLACEHOLDER:
         patient_id = policy.patient_id_placeholder
     else:
-        patient_id = _text(patient_tags, "PatientID") or _text(instance_tags, "PatientID")
+        patient_id = _text(patient_tags, "PatientID")
 
     reception_dates = sorted(date for date, _, _ in received if date)
     modalities = sorted({entry["modality"] for entry in series_list if entry["modality"]})
@@ -158,14 +158,14 @@ def build_record(snapshot: StudySnapshot, source: OrthancSource, policy: RecordP
     fields = {
         "studyInstanceUID": snapshot.study_instance_uid,
         "patientID": patient_id,
-        "patientName": _text(patient_tags, "PatientName") or _text(instance_tags, "PatientName"),
-        "studyDate": _text(study_tags, "StudyDate") or _text(instance_tags, "StudyDate"),
-        "studyDescription": _text(study_tags, "StudyDescription") or _text(instance_tags, "StudyDescription"),
+        "patientName": _text(patient_tags, "PatientName"),
+        "studyDate": _text(study_tags, "StudyDate"),
+        "studyDescription": _text(study_tags, "StudyDescription"),
         "modality": main_modality(snapshot.series),
         "modalitiesInStudy": modalities,
         "seriesCount": len(series_list),
         "instanceCount": sum(entry["instanceCount"] for entry in series_list),
-        "stationName": _text(instance_tags, "StationName"),
+        "stationName": _station_name(snapshot.series),
         "sourceModality": sources.modality,
         "sourceAETitle": sources.ae_title,
         "sourceIP": sources.ip,
