@@ -177,8 +177,13 @@ def _as_dicom_sender(site: Site, machine: Machine) -> Machine:
 
 def server_context(site: Site, server: OrthancServer, secrets: credentials.SiteSecrets) -> dict:
     """Return the template variables of a central host."""
+    from dicomfleet import cluster, proxy
+
     data = server.vars
     machines = site.machines_of(server)
+    # A study whose last images reached a cluster node that then stopped never becomes
+    # stable on any node, so only a reconcile records it: clusters reconcile more often.
+    reconcile_default = 60 if cluster.cluster_of(site, server.host) is not None else 900
     mongodb_bind = str(data.get("dicomfleet_mongodb_bind", "127.0.0.1"))
     if server.embedded_mongodb:
         mongodb_uri = f"mongodb://{mongodb_bind}:{server.mongodb_port}/"
@@ -191,7 +196,7 @@ def server_context(site: Site, server: OrthancServer, secrets: credentials.SiteS
         "server": server,
         "orthanc": orthanc_settings(site, server),
         "orthanc_users": orthanc_users(site, server, secrets),
-        "orthanc_public_url": str(data.get("dicomfleet_orthanc_public_url", server.url)),
+        "orthanc_public_url": str(data.get("dicomfleet_orthanc_public_url", proxy.public_url(site, server))),
         "dicom_machines": [_as_dicom_sender(site, m) for m in machines
                            if m.ingest == INGEST_DICOM or m.transport == TRANSPORT_CSTORE],
         "machines": machines,
@@ -202,7 +207,7 @@ def server_context(site: Site, server: OrthancServer, secrets: credentials.SiteS
         "patient_id_policy": str(data.get("dicomfleet_patient_id_policy", "dicom")),
         "patient_id_placeholder": str(data.get("dicomfleet_patient_id_placeholder", "NA")),
         "records_on_delete": str(data.get("dicomfleet_records_on_delete", "mark")),
-        "sync_reconcile_interval_s": int(data.get("dicomfleet_sync_reconcile_interval_s", 900)),
+        "sync_reconcile_interval_s": int(data.get("dicomfleet_sync_reconcile_interval_s", reconcile_default)),
     }
 
 
