@@ -35,6 +35,14 @@ def default_secrets_dir(site: Site) -> Path:
     return site.path.resolve().parent / ".secrets" / site.name
 
 
+# The first bytes of a file that ansible-vault encrypted.
+VAULT_HEADER = "$ANSIBLE_VAULT;"
+
+
+class SecretError(Exception):
+    """A secret file exists but cannot be used as it is."""
+
+
 class SiteSecrets:
     """The secrets of one site: Orthanc passwords, heartbeat tokens and the dashboard's login."""
 
@@ -42,10 +50,24 @@ class SiteSecrets:
         self.folder = folder
         self.create = create
 
-    def _read_or_make(self, name: str) -> str:
+    def read_file(self, path: Path) -> str:
+        """Return the secret stored in PATH; raise FileNotFoundError when there is none.
+
+        The Ansible roles override this to decrypt files encrypted with ansible-vault.
+        """
+        text = path.read_text(encoding="utf-8").strip()
+        if text.startswith(VAULT_HEADER):
+            raise SecretError(
+                f"The secret file {path} is encrypted with ansible-vault, which the pyinfra deploy cannot "
+                "decrypt. Deploy this site with playbook.yml and its vault password, or decrypt the "
+                f"secrets first (ansible-vault decrypt {self.folder}/*).")
+        return text
+
+    def secret(self, name: str) -> str:
+        """Return the secret NAME from this site's folder, generating it when allowed and missing."""
         path = self.folder / name
         try:
-            return path.read_text(encoding="ascii").strip()
+            return self.read_file(path)
         except FileNotFoundError:
             pass
 
@@ -63,19 +85,19 @@ class SiteSecrets:
 
     def orthanc_password(self, username: str) -> str:
         """Return the Orthanc HTTP password of USERNAME."""
-        return self._read_or_make(f"orthanc-{username}.password")
+        return self.secret(f"orthanc-{username}.password")
 
     def heartbeat_token(self, machine_id: str) -> str:
         """Return the token MACHINE_ID's agent presents with each heartbeat to the dashboard."""
-        return self._read_or_make(f"heartbeat-{machine_id}.token")
+        return self.secret(f"heartbeat-{machine_id}.token")
 
     def dashboard_password(self, login: str) -> str:
         """Return the password of the dashboard's login user LOGIN."""
-        return self._read_or_make(f"dashboard-{login}.password")
+        return self.secret(f"dashboard-{login}.password")
 
     def dashboard_session_key(self) -> str:
         """Return the key that signs the dashboard's session cookies."""
-        return self._read_or_make("dashboard-session.key")
+        return self.secret("dashboard-session.key")
 
 
 def ensure_secrets(site: Site, folder: Path | None = None) -> SiteSecrets:

@@ -75,6 +75,10 @@ def main(args: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         print("Nothing was deployed: fix the inventory and run the deploy again.", file=sys.stderr)
         return 1
+    except credentials.SecretError as error:
+        print(error, file=sys.stderr)
+        print("Nothing was deployed.", file=sys.stderr)
+        return 1
     return result.returncode
 
 

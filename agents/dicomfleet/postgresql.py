@@ -44,7 +44,7 @@ def database_name(cluster: clusters.Cluster) -> str:
 def password(cluster: clusters.Cluster, secrets: credentials.SiteSecrets) -> str:
     """Return the password of CLUSTER's role, generated on the first deploy."""
     # TODO: use a public SiteSecrets method for secrets that are not Orthanc passwords.
-    return secrets._read_or_make(cluster.password_secret)
+    return secrets.secret(cluster.password_secret)
 
 
 def scram_verifier(secret: str, salt: bytes | None = None) -> str:

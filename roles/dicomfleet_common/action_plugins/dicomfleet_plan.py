@@ -194,16 +194,17 @@ class VaultSiteSecrets(credentials.SiteSecrets):
         self.loader = loader
         self.generated: list[str] = []
 
-    # NOTE: this overrides a private method of credentials.SiteSecrets, the one
-    # place that reads a secret file; a public reader hook there would replace it.
-    def _read_or_make(self, name: str) -> str:
-        path = self.folder / name
+    def read_file(self, path: Path) -> str:
+        """Return the secret in PATH, decrypting it when ansible-vault encrypted it."""
         if path.is_file() and _vault_encrypted(path):
             return self._decrypt(path)
+        return super().read_file(path)
 
-        if self.create and not path.exists():
+    def secret(self, name: str) -> str:
+        """Return the secret NAME, noting it when this run generates it."""
+        if self.create and not (self.folder / name).exists():
             self.generated.append(name)
-        return super()._read_or_make(name)
+        return super().secret(name)
 
     def _decrypt(self, path: Path) -> str:
         try:
