@@ -23,16 +23,3 @@ def mongodb_server(tmp_path_factory):
     server = localservers.SecantusProcess(tmp_path_factory.mktemp("secantus")).start()
     yield server
     server.stop()
-
-
-# TODO: these lab suites (the cluster and archive lab, molecule, the Ansible parity deploy)
-# were finished while the machine was saturated and have not passed in one quiet run yet;
-# they run with `make test PYTEST_ARGS='-m ""'` until a run confirms them.
-UNCONFIRMED_LAB_SUITES = ("test_archive_lab.py", "test_ansible_molecule.py", "test_ansible_parity.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Mark the tests of the unconfirmed lab suites `unconfirmed`."""
-    for item in items:
-        if item.path.name in UNCONFIRMED_LAB_SUITES:
-            item.add_marker(pytest.mark.unconfirmed)
