@@ -1,4 +1,4 @@
-"""Print one site's fleet in the terminal: ``dicomfleet status INVENTORY [--json]``.
+"""Print one site's fleet in the terminal: dicomfleet status INVENTORY [--json].
 
 It reads each central host's dashboard through its JSON API, as the dashboard's
 login user. It exits 0 when every machine is ok or in warning, and 1 when a
@@ -100,7 +100,7 @@ def format_server(status: ServerStatus, zone: datetime.tzinfo | None) -> str:
 
     fleet = status.fleet
     now = _parse_time(fleet["generated_at"])
-    header = ("MACHINE", "STATE", "LAST HEARTBEAT", "LAST STUDY", "STUDIES", "INSTANCES", "QUEUE", "FAILED",
+    header = ("MACHINE", "STATE", "LAST HEARTBEAT", "LAST STUDY", "STUDIES TODAY", "INSTANCES TODAY", "QUEUE", "FAILED",
               "QUARANTINED", "WHY")
     rows = [header]
     for machine in fleet["machines"]:

@@ -59,7 +59,8 @@ def _heartbeat_reasons(machine: MachineSettings, heartbeat: Heartbeat,
     if heartbeat.files_failed:
         reasons.append((WARNING, f"{heartbeat.files_failed} files failed and wait for a retry"))
     if heartbeat.quarantined_today:
-        reasons.append((WARNING, f"{heartbeat.quarantined_today} files quarantined today"))
+        count = heartbeat.quarantined_today
+        reasons.append((WARNING, f"{count} file{'' if count == 1 else 's'} quarantined today"))
     oldest = heartbeat.oldest_queued_age_s
     if oldest is not None and oldest > machine.queue_warning_s:
         reasons.append((WARNING, f"the oldest queued file waits for {timefmt.duration(oldest)}"))
