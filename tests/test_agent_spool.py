@@ -166,6 +166,18 @@ def test_spool_counts_per_machine(spool):
     assert counts.last_sent_at == 5000.0
 
 
+def test_spool_counts_quarantined_today(spool):
+    yesterday = spool.add("ct1", "/export/yesterday.dcm", 1, 1, now=1000.0)
+    spool.mark_quarantined(yesterday, "not DICOM", now=1000.0)
+    today = spool.add("ct1", "/export/today.dcm", 1, 1, now=1000.0)
+    spool.mark_quarantined(today, "not DICOM", now=5000.0)
+
+    counts = spool.counts("ct1", day_start=4000.0)
+
+    assert counts.quarantined == 2
+    assert counts.quarantined_today == 1
+
+
 def test_spool_prune_keeps_existing_files(tmp_path, spool):
     existing = tmp_path / "kept.dcm"
     existing.write_bytes(b"x")

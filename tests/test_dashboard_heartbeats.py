@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import json
 import threading
 import time
 
@@ -9,6 +12,8 @@ import pytest
 import requests
 
 from dicomfleet.agent import heartbeat as agent_heartbeat
+from dicomfleet.dashboard import config as dashboard_config
+from dicomfleet.dashboard import heartbeats
 from dicomfleet.localservers import free_port
 from test_dashboard_support import DashboardSite, heartbeat_body, wait_until
 
@@ -241,3 +246,14 @@ def test_metrics_export_agent_and_orthanc(site):
     assert 'dicomfleet_agent_up{machine="ct1"} 1.0' in text
     assert "dicomfleet_orthanc_up 1.0" in text
     assert "dicomfleet_sync_lag_changes" in text
+
+
+def test_first_heartbeat_reports_quarantined_today(site):
+    # On a machine's first heartbeat of the day the baseline equals files_quarantined, so
+    # only the agent's own count shows a file quarantined before that heartbeat.
+    body = heartbeat_body("mr1", files_quarantined=1, files_quarantined_today=1)
+    machine = dashboard_config.load_config(site.dashboard.config).machine("mr1")
+    parsed = heartbeats.parse_heartbeat(machine, json.dumps(body).encode(), "127.0.0.1",
+                                        datetime.datetime.now(datetime.timezone.utc))
+    first = dataclasses.replace(parsed, quarantined_at_day_start=1)
+    assert first.quarantined_today == 1

@@ -127,6 +127,7 @@ def heartbeat_body(document: dict, machine_id: str, now: datetime.datetime | Non
         "files_sent_today": machine.get("files_sent_today", 0),
         "files_failed": machine.get("files_failed", 0),
         "files_quarantined": machine.get("files_quarantined", 0),
+        "files_quarantined_today": machine.get("files_quarantined_today", 0),
         "last_success_at": machine.get("last_success_at"),
         "last_error": machine.get("last_error"),
         "last_error_at": machine.get("last_error_at"),

@@ -101,6 +101,7 @@ class MachineCounts:
     sending: int = 0
     failed: int = 0
     quarantined: int = 0
+    quarantined_today: int = 0
     sent_today: int = 0
     oldest_pending_created_at: float | None = None
     last_sent_at: float | None = None
@@ -323,7 +324,7 @@ class Spool:
             return cursor.rowcount
 
     def counts(self, machine: str, day_start: float) -> MachineCounts:
-        """Return MACHINE's counts; ``sent_today`` counts files sent since DAY_START."""
+        """Return MACHINE's counts; ``sent_today`` and ``quarantined_today`` count files since DAY_START."""
         counts = MachineCounts()
         with self._lock:
             for state, number in self._db.execute(
@@ -333,6 +334,9 @@ class Spool:
             counts.sent_today = self._db.execute(
                 "SELECT count(*) FROM files WHERE machine = ? AND state IN (?, ?) AND sent_at >= ?",
                 (machine, *DONE_STATES, day_start)).fetchone()[0]
+            counts.quarantined_today = self._db.execute(
+                "SELECT count(*) FROM files WHERE machine = ? AND state = ? AND updated_at >= ?",
+                (machine, QUARANTINED, day_start)).fetchone()[0]
             counts.oldest_pending_created_at = self._db.execute(
                 "SELECT min(created_at) FROM files WHERE machine = ? AND state IN (?, ?, ?)",
                 (machine, *PENDING_STATES)).fetchone()[0]

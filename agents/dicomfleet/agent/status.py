@@ -71,6 +71,7 @@ def build_status(config: AgentConfig, spool: Spool, sender: Sender, started_at: 
             "files_sent_today": counts.sent_today,
             "files_failed": counts.failed,
             "files_quarantined": counts.quarantined,
+            "files_quarantined_today": counts.quarantined_today,
             "last_success_at": _iso(last_success),
             "last_error": activity.last_error,
             "last_error_at": _iso(activity.last_error_at),

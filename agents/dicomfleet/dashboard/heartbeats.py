@@ -68,13 +68,18 @@ class Heartbeat:
     free_bytes: int | None
     sent_at: datetime.datetime | None
     watch_folders: dict[str, dict[str, Any]]
+    # Files the agent quarantined since its host's day began, or None from an agent
+    # that does not report it.
+    reported_quarantined_today: int | None = None
     # files_quarantined when the site's day began, so the day's new quarantined files show.
     quarantined_at_day_start: int = 0
     day: str = ""
 
     @property
     def quarantined_today(self) -> int:
-        """Files quarantined since the site's day began."""
+        """Files quarantined since the day began: the agent's own count, else the rise since the day's first heartbeat."""
+        if self.reported_quarantined_today is not None:
+            return self.reported_quarantined_today
         return max(0, self.files_quarantined - self.quarantined_at_day_start)
 
     def to_document(self) -> dict[str, Any]:
@@ -223,6 +228,8 @@ def parse_heartbeat(machine: MachineSettings, raw: bytes, remote_address: str,
             files_sent_today=_count(body, "files_sent_today"),
             files_failed=_count(body, "files_failed"),
             files_quarantined=_count(body, "files_quarantined"),
+            reported_quarantined_today=(_count(body, "files_quarantined_today")
+                                        if body.get("files_quarantined_today") is not None else None),
             last_success_at=_optional_time(body, "last_success_at"),
             last_error=_optional_text(body, "last_error"),
             last_error_at=_optional_time(body, "last_error_at"),
