@@ -105,11 +105,11 @@ class BenchRun:
             path.read_bytes()
 
         archive = BenchArchive(folder / "central", bench_machines(folder / "agent-export")).start()
-        bench = agent_bench.AgentBench(archive, folder / "agent")
         runs: dict[str, list[TimedRun]] = {}
         firsts: list[float] = []
         after_first: list[float] = []
         try:
+            bench = agent_bench.AgentBench(archive, folder / "agent")
             for round_number in range(1, self.mode.rounds + 1):
                 log.info("Sending round %d of %d.", round_number, self.mode.rounds)
                 for key, client in self._rest_clients(archive, slices, files):
@@ -186,9 +186,9 @@ class BenchRun:
         """Measure the agent's latency and its memory while it sends a large file."""
         folder = self.workdir / "agent"
         archive = BenchArchive(folder / "central", bench_machines(folder / "agent-export")).start()
-        bench = agent_bench.AgentBench(archive, folder / "agent")
-        command = " ".join(agent_bench.agent_command(bench.config))
         try:
+            bench = agent_bench.AgentBench(archive, folder / "agent")
+            command = " ".join(agent_bench.agent_command(bench.config))
             latency = agent_bench.measure_latency(bench, self.mode.latency_files, self.mode.latency_rate_per_s)
             note = (f"{latency.files} CT slices of 512 KiB written one by one at {latency.rate_per_s:g}/s; "
                     f"change feed polled every {latency.poll_interval_s * 1000:.0f} ms; "
