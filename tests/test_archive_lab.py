@@ -106,7 +106,7 @@ def deployed(tmp_path_factory):
 
 
 def _wait_for_orthanc(ca: str) -> None:
-    """Wait until the standalone Orthanc and the cluster answer over HTTPS; keep their logs when they do not."""
+    """Wait until the standalone Orthanc and the cluster respond over HTTPS; keep their logs when they do not."""
     def answering() -> bool:
         try:
             return all(requests.get(f"{url}/system", verify=ca, timeout=10).status_code == 401
@@ -390,13 +390,13 @@ def _agent_config(deployed, folder: Path, watch: Path) -> Path:
 
 
 def _node_uploads(address: str) -> int:
-    """Count the uploads the node's nginx answered with 200."""
+    """Count the uploads the node's nginx completed with status 200."""
     log = lab.ssh(address, "cat /var/log/nginx/access.log").stdout
     return len(re.findall(r'"POST /instances HTTP/[0-9.]+" 200 ', log))
 
 
 def _requests_answered(address: str, status: int) -> int:
-    """Count the requests of any kind the node's nginx answered with STATUS."""
+    """Count the requests of any kind the node's nginx completed with STATUS."""
     log = lab.ssh(address, "cat /var/log/nginx/access.log").stdout
     return len(re.findall(rf'" {status} ', log))
 

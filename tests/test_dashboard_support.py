@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -153,13 +152,7 @@ class DashboardSite:
     def stop(self) -> None:
         """Stop every process this site started."""
         for process in list(self.agents.values()) + ([self.sync] if self.sync else []):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            localservers.terminate(process, timeout=30)
         self.agents = {}
         self.sync = None
         if self.dashboard is not None:

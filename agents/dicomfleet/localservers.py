@@ -79,13 +79,13 @@ def write_local_inventory(folder: Path, machines: list[dict], central: dict | No
     return path
 
 
-def _terminate(process: subprocess.Popen | None) -> None:
-    """Stop PROCESS with SIGTERM, then SIGKILL after 20 s, and reap it."""
+def terminate(process: subprocess.Popen | None, timeout: float = 20.0) -> None:
+    """Stop PROCESS with SIGTERM, then SIGKILL after TIMEOUT seconds, and reap it."""
     if process is None or process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=20)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
@@ -145,7 +145,7 @@ class OrthancProcess:
 
     def stop(self) -> None:
         """Stop Orthanc and wait for it to exit."""
-        _terminate(self.process)
+        terminate(self.process)
         self.process = None
 
     def get(self, path: str, **kwargs):
@@ -185,7 +185,7 @@ class SecantusProcess:
 
     def stop(self) -> None:
         """Stop the server and wait for it to exit."""
-        _terminate(self.process)
+        terminate(self.process)
         self.process = None
 
 

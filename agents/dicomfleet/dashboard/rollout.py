@@ -39,8 +39,8 @@ def dashboard_login(server: OrthancServer) -> str:
 
 
 def _listen_address(server: OrthancServer) -> str:
-    # NOTE: nginx does not front the dashboard yet, so logins and heartbeats reach it over
-    # plain HTTP on the central host's address; the firewall opens its port for that.
+    # NOTE: nginx does not front the dashboard yet. Logins and heartbeats reach it over
+    # plain HTTP on the central host's address, and the firewall opens its port for that.
     configured = server.vars.get("dicomfleet_dashboard_bind")
     if configured:
         return str(configured)
