@@ -68,6 +68,21 @@ def test_orthanc_json_enables(example_site, secrets, key):
     assert config[key] is True
 
 
+def test_orthanc_refuses_remote_http_behind_nginx(example_site, secrets):
+    config = json.loads(file_of(render.plan_host(example_site, "pacs1", secrets), ORTHANC_JSON).content)
+    assert config["RemoteAccessAllowed"] is False
+
+
+def test_orthanc_answers_remote_http_without_tls(tmp_path):
+    config = _orthanc_json(_with_central_vars(tmp_path, {"dicomfleet_tls": False}), tmp_path)
+    assert config["RemoteAccessAllowed"] is True
+
+
+def test_orthanc_remote_access_setting_wins(tmp_path):
+    config = _orthanc_json(_with_central_vars(tmp_path, {"dicomfleet_orthanc_remote_access": True}), tmp_path)
+    assert config["RemoteAccessAllowed"] is True
+
+
 def _fleet_inventory(tmp_path: Path, rest: int, dicom: int) -> Path:
     document = yaml.safe_load(EXAMPLE.read_text())
     scanners = {}
@@ -233,7 +248,8 @@ def test_nginx_default_site_removed(example_site, secrets):
 
 def test_nginx_allows_firewall_sources_only(example_site, secrets):
     drop_in = file_of(render.plan_host(example_site, "pacs1", secrets), proxy.HARDENING_DROP_IN).content
-    assert "IPAddressAllow=localhost 198.51.100.11 198.51.100.32 203.0.113.0/24\n" in drop_in
+    # mri1 (198.51.100.21) sends C-STORE, so it reaches nginx only for the dashboard's heartbeats.
+    assert "IPAddressAllow=localhost 198.51.100.11 198.51.100.32 203.0.113.0/24 198.51.100.21\n" in drop_in
 
 
 def test_tls_off_keeps_plain_orthanc(tmp_path):
@@ -247,6 +263,25 @@ def test_same_port_for_two_services_rejected(tmp_path):
     with pytest.raises(InventoryError) as caught:
         load_site(_with_central_vars(tmp_path, {"dicomfleet_https_port": 8042}))
     assert "host pacs1: dicomfleet_https_port: port 8042 is also dicomfleet_orthanc_http_port" in \
+        caught.value.problems[0]
+
+
+def test_dashboard_bind_on_network_rejected_with_tls(tmp_path):
+    with pytest.raises(InventoryError) as caught:
+        load_site(_with_central_vars(tmp_path, {"dicomfleet_dashboard_bind": "192.0.2.10"}))
+    assert "host pacs1: dicomfleet_dashboard_bind: '192.0.2.10' is not a loopback address" in \
+        caught.value.problems[0]
+
+
+def test_dashboard_bind_on_network_accepted_without_tls(tmp_path):
+    site = load_site(_with_central_vars(tmp_path, {"dicomfleet_tls": False, "dicomfleet_dashboard_bind": "192.0.2.10"}))
+    assert site.servers["pacs1"].vars["dicomfleet_dashboard_bind"] == "192.0.2.10"
+
+
+def test_dashboard_https_port_collision_rejected(tmp_path):
+    with pytest.raises(InventoryError) as caught:
+        load_site(_with_central_vars(tmp_path, {"dicomfleet_dashboard_https_port": 443}))
+    assert "host pacs1: dicomfleet_dashboard_https_port: port 443 is also dicomfleet_https_port" in \
         caught.value.problems[0]
 
 

@@ -15,6 +15,7 @@ from dicomfleet.agent import heartbeat as agent_heartbeat
 from dicomfleet.dashboard import config as dashboard_config
 from dicomfleet.dashboard import heartbeats
 from dicomfleet.localservers import free_port
+from agent_support import TlsTunnel, make_test_ca
 from test_dashboard_support import DashboardSite, heartbeat_body, wait_until
 
 
@@ -155,6 +156,57 @@ def test_agent_sender_posts_accepted_heartbeat(site):
     row = site.machine_row("xr1")
     assert row["files_queued"] == 5
     assert row["oldest_queued_age_s"] == 12.5
+
+
+def _sender_document(machine_id: str, files_queued: int) -> dict:
+    return {"agent_version": "0.1.0", "host": machine_id, "machines": {machine_id: {
+        "transport": "rest", "state": "sending", "files_queued": files_queued, "watch_folders": {}}}}
+
+
+@pytest.fixture(scope="module")
+def https_front(site, tmp_path_factory):
+    """The dashboard behind a TLS front whose certificate a test CA signed, as nginx serves it when deployed."""
+    ca_file, bundle = make_test_ca(tmp_path_factory.mktemp("dashboard-ca"))
+    tunnel = TlsTunnel(bundle, site.port)
+    tokens = site.folder / "tokens"
+    tokens.mkdir(exist_ok=True)
+    (tokens / "heartbeat-mr1").write_text(site.token("mr1") + "\n")
+    yield tunnel, ca_file
+    tunnel.close()
+
+
+def test_agent_sender_posts_over_https_with_ca_file(site, https_front):
+    tunnel, ca_file = https_front
+    settings = agent_heartbeat.HeartbeatSettings(url=tunnel.url + "/api/v1/heartbeats",
+                                                 token_folder=site.folder / "tokens", ca_file=ca_file)
+    sender = agent_heartbeat.HeartbeatSender(settings, ["mr1"], lambda: _sender_document("mr1", 7),
+                                             threading.Event())
+    assert sender.send_once() is True
+    assert site.machine_row("mr1")["files_queued"] == 7
+
+
+def test_agent_sender_refuses_dashboard_certificate_without_ca_file(site, https_front):
+    tunnel, _ = https_front
+    settings = agent_heartbeat.HeartbeatSettings(url=tunnel.url + "/api/v1/heartbeats", timeout_s=5,
+                                                 token_folder=site.folder / "tokens")
+    sender = agent_heartbeat.HeartbeatSender(settings, ["mr1"], lambda: _sender_document("mr1", 8),
+                                             threading.Event())
+    assert sender.send_once() is False
+    assert sender.failed == 1
+
+
+def test_heartbeat_table_takes_ca_file():
+    settings = agent_heartbeat.parse_heartbeat_table(
+        {"url": "https://127.0.0.1:8443/api/v1/heartbeats", "ca_file": "/etc/dicomfleet/tls/site-ca.pem"},
+        "agent.toml")
+    assert str(settings.ca_file) == "/etc/dicomfleet/tls/site-ca.pem"
+
+
+def test_heartbeat_table_rejects_relative_ca_file():
+    with pytest.raises(agent_heartbeat.HeartbeatConfigError) as caught:
+        agent_heartbeat.parse_heartbeat_table(
+            {"url": "https://127.0.0.1:8443/api/v1/heartbeats", "ca_file": "site-ca.pem"}, "agent.toml")
+    assert "[heartbeat] ca_file = 'site-ca.pem' must be the absolute path of a PEM certificate" in str(caught.value)
 
 
 def test_agent_sender_fails_fast_when_dashboard_down(site):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicomfleet import credentials, render
+from dicomfleet import credentials, render, tls
 from dicomfleet.dashboard import rollout
 from dicomfleet.dashboard.config import parse_config
 from dicomfleet.dashboard.heartbeats import token_digest
@@ -119,6 +119,68 @@ def test_dashboard_listens_on_central_address(tmp_path):
     config = tomllib.loads(_file(plan, rollout.CONFIG_PATH).content)
     assert config["dashboard"]["listen"] == "127.0.10.1"
     assert config["dashboard"]["port"] == 8050
+
+
+def test_dashboard_listens_on_loopback_behind_nginx(example):
+    _, _, plan = example
+    config = tomllib.loads(_file(plan, rollout.CONFIG_PATH).content)
+    assert config["dashboard"]["listen"] == "127.0.0.1"
+
+
+def test_nginx_serves_dashboard_on_central_address(example):
+    _, _, plan = example
+    assert "    listen 192.0.2.10:8443 ssl http2;\n" in _file(plan, rollout.NGINX_SITE).content
+
+
+def test_nginx_passes_dashboard_requests_to_loopback(example):
+    _, _, plan = example
+    assert "        proxy_pass http://127.0.0.1:8050;\n" in _file(plan, rollout.NGINX_SITE).content
+
+
+def test_agent_sends_heartbeats_over_https(example):
+    site, secrets, _ = example
+    agent = tomllib.loads(_file(render.plan_host(site, "ct-room1", secrets), "/etc/dicomfleet/agent.toml").content)
+    assert agent["heartbeat"]["url"] == "https://192.0.2.10:8443/api/v1/heartbeats"
+
+
+def test_agent_checks_dashboard_with_site_ca(example):
+    site, secrets, _ = example
+    agent = tomllib.loads(_file(render.plan_host(site, "ct-room1", secrets), "/etc/dicomfleet/agent.toml").content)
+    assert agent["heartbeat"]["ca_file"] == "/etc/dicomfleet/tls/site-ca.pem"
+
+
+def test_cstore_agent_host_gets_site_ca_for_heartbeats(example):
+    site, secrets, _ = example
+    plan = render.plan_host(site, "mri1", secrets)
+    assert _file(plan, "/etc/dicomfleet/tls/site-ca.pem").content == tls.ca_certificate(site, secrets)
+
+
+def _without_tls(tmp_path: Path):
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["all"]["children"]["central"]["hosts"]["pacs1"]["dicomfleet_tls"] = False
+    path = tmp_path / "plain.yml"
+    path.write_text(yaml.safe_dump(document))
+    site = load_site(path)
+    secrets = credentials.ensure_secrets(site, tmp_path / "secrets")
+    return site, secrets
+
+
+def test_dashboard_without_tls_listens_on_central_address(tmp_path):
+    site, secrets = _without_tls(tmp_path)
+    config = tomllib.loads(_file(render.plan_host(site, "pacs1", secrets), rollout.CONFIG_PATH).content)
+    assert config["dashboard"]["listen"] == "192.0.2.10"
+
+
+def test_dashboard_without_tls_has_no_nginx_site(tmp_path):
+    site, secrets = _without_tls(tmp_path)
+    plan = render.plan_host(site, "pacs1", secrets)
+    assert [item.path for item in plan.files if item.path == rollout.NGINX_SITE] == []
+
+
+def test_agent_heartbeats_without_tls_use_plain_port(tmp_path):
+    site, secrets = _without_tls(tmp_path)
+    agent = tomllib.loads(_file(render.plan_host(site, "ct-room1", secrets), "/etc/dicomfleet/agent.toml").content)
+    assert agent["heartbeat"] == {"url": "http://192.0.2.10:8050/api/v1/heartbeats", "interval_s": 30.0}
 
 
 def test_dashboard_working_hours_rendered(tmp_path):

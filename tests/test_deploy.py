@@ -6,7 +6,10 @@ A copy of the lab inventory runs on its own addresses and ports (site
 
 from __future__ import annotations
 
+import base64
 import collections
+import http.client
+import json
 import re
 import socket
 import subprocess
@@ -18,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from dicomfleet import credentials, demo, deployment, lab
+from dicomfleet import credentials, demo, deployment, lab, tls
 from dicomfleet.inventory import load_site
 
 pytestmark = pytest.mark.lab
@@ -28,6 +31,7 @@ CENTRAL = "127.0.10.101"
 SCANNERS = {"ct1": "127.0.10.111", "mr1": "127.0.10.112", "xr1": "127.0.10.113"}
 NEW_SCANNER = ("ct2", "127.0.10.114")
 HTTP_PORT = 8142
+DASHBOARD_HTTPS_PORT = 8443
 MONGODB_PORT = 27117
 
 _RESULT_LINE = re.compile(r"^\s+\[([A-Za-z0-9_.-]+)\]\s+(Success|No changes|Skipped|Error)\s*$")
@@ -138,6 +142,48 @@ def test_dropped_file_reaches_mongodb(deployed, mongodb):
     record = _wait_for_record(mongodb, ct_small.study_instance_uid)
     assert record is not None
     assert record["sourceMachine"] == "ct1"
+
+
+def test_dashboard_served_by_nginx_over_https(deployed):
+    site = deployed["site"]
+    ca_file = tls.ca_certificate_file(site, credentials.existing_secrets(site))
+    answer = requests.get(f"https://{CENTRAL}:{DASHBOARD_HTTPS_PORT}/login", verify=str(ca_file), timeout=10)
+    assert answer.status_code == 200
+
+
+def test_orthanc_plain_http_refused_from_network_address(deployed):
+    # Orthanc takes only 127.0.0.1 as local: a request from a scanner's address with the
+    # admin's own password is refused, while nginx (from 127.0.0.1) is served.
+    site = deployed["site"]
+    password = credentials.existing_secrets(site).orthanc_password(credentials.ADMIN_USER)
+    token = base64.b64encode(f"{credentials.ADMIN_USER}:{password}".encode()).decode()
+    connection = http.client.HTTPConnection(CENTRAL, HTTP_PORT, timeout=10, source_address=(SCANNERS["ct1"], 0))
+    try:
+        connection.request("GET", "/system", headers={"Authorization": f"Basic {token}"})
+        status = connection.getresponse().status
+    finally:
+        connection.close()
+    assert status == 401
+
+
+def _heartbeats_by_status(path: Path) -> dict[str, str | None]:
+    """Run ``dicomfleet status --json`` and return each machine's last heartbeat time."""
+    result = subprocess.run([str(ROOT / ".venv/bin/dicomfleet"), "status", "--json", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    document = json.loads(result.stdout)
+    fleet = document["servers"][0]["fleet"] or {"machines": []}
+    return {row["id"]: row["last_heartbeat_at"] for row in fleet["machines"]}
+
+
+def test_agents_report_to_dashboard_over_https(deployed):
+    # Every agent's heartbeat crosses nginx's TLS, checked against the site CA, and
+    # dicomfleet status reads them over HTTPS too.
+    deadline = time.monotonic() + 90
+    heartbeats = _heartbeats_by_status(deployed["path"])
+    while time.monotonic() < deadline and None in heartbeats.values():
+        time.sleep(5)
+        heartbeats = _heartbeats_by_status(deployed["path"])
+    assert sorted(machine for machine, at in heartbeats.items() if at is not None) == sorted(SCANNERS)
 
 
 def test_second_deploy_changes_nothing(deployed):

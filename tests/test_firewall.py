@@ -54,6 +54,24 @@ def test_orthanc_http_port_closed(example_site):
     assert [r for r in firewall.rules_for(example_site, "pacs1") if r.port == 8042] == []
 
 
+def test_dashboard_https_open_to_agents_and_viewers(example_site):
+    rule = _rule(example_site, "pacs1", 8443)
+    assert rule.sources == ("198.51.100.11", "198.51.100.21", "198.51.100.32", "203.0.113.0/24")
+
+
+def test_dashboard_plain_port_closed_behind_nginx(example_site):
+    assert [r for r in firewall.rules_for(example_site, "pacs1") if r.port == 8050] == []
+
+
+def test_dashboard_plain_port_open_without_tls(tmp_path):
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["all"]["children"]["central"]["hosts"]["pacs1"]["dicomfleet_tls"] = False
+    path = tmp_path / "plain.yml"
+    path.write_text(yaml.safe_dump(document))
+    rule = _rule(load_site(path), "pacs1", 8050)
+    assert rule.service == "HTTP to the dashboard without TLS"
+
+
 def test_ssh_limited_to_admin_networks(example_site):
     rule = _rule(example_site, "pacs1", 22)
     assert (rule.sources, rule.any_source) == (("192.0.2.64/27",), False)

@@ -11,6 +11,8 @@ import sys
 import pytest
 import yaml
 
+from agent_support import TlsTunnel, make_test_ca
+from dicomfleet import tls
 from dicomfleet.localservers import free_port
 from test_dashboard_support import DashboardSite, heartbeat_body, wait_until
 
@@ -108,6 +110,43 @@ def test_status_unreachable_dashboard_exit_3(site, tmp_path):
     result = site.run_command("status", str(inventory))
     assert result.returncode == 3
     assert "does not answer" in result.stdout
+
+
+def _https_inventory(site: DashboardSite, tmp_path, url: str):
+    document = yaml.safe_load(site.inventory.read_text())
+    document["all"]["children"]["central"]["hosts"]["central"]["dicomfleet_dashboard_url"] = url
+    inventory = tmp_path / "https.yml"
+    inventory.write_text(yaml.safe_dump(document))
+    return inventory
+
+
+@pytest.fixture
+def site_ca_front(site, tmp_path):
+    """The dashboard behind a TLS front with a certificate from the site CA in the site's secrets."""
+    certificate = tls.site_ca(site.site, site.secrets).host_certificate("central", ["127.0.0.1"], [])
+    bundle = tmp_path / "front.pem"
+    bundle.write_text(certificate.certificate + certificate.key)
+    tunnel = TlsTunnel(bundle, site.port)
+    yield tunnel
+    tunnel.close()
+
+
+def test_status_over_https_checks_site_ca(site, site_ca_front, tmp_path):
+    _all_reporting(site)
+    result = site.run_command("status", str(_https_inventory(site, tmp_path, site_ca_front.url)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"(dashboard {site_ca_front.url}, as of" in result.stdout
+
+
+def test_status_over_https_refuses_other_certificate(site, tmp_path):
+    _, bundle = make_test_ca(tmp_path / "other-ca")
+    tunnel = TlsTunnel(bundle, site.port)
+    try:
+        result = site.run_command("status", str(_https_inventory(site, tmp_path, tunnel.url)))
+    finally:
+        tunnel.close()
+    assert result.returncode == 3
+    assert "CERTIFICATE_VERIFY_FAILED" in result.stdout
 
 
 def test_status_without_secrets_exit_3(site, tmp_path):

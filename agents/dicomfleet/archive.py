@@ -154,8 +154,10 @@ def plan_central(plan: render.HostPlan, site: Site, server: OrthancServer,
 
 def plan_agent(plan: render.HostPlan, site: Site, machines: list[Machine],
                secrets: credentials.SiteSecrets) -> None:
-    """Add the site CA's certificate to the PLAN of a host whose agent sends over HTTPS."""
-    if not any(proxy.machine_url(site, machine).startswith("https://") for machine in machines):
+    """Add the site CA's certificate to the PLAN of a host whose agent sends uploads or heartbeats over HTTPS."""
+    urls = [proxy.machine_url(site, machine) for machine in machines]
+    urls.append(render.heartbeat_url(site, machines) or "")
+    if not any(url.startswith("https://") for url in urls):
         return
     plan.directories.append(render.ManagedDirectory(tls.TLS_DIR, "0755", "root", "root"))
     plan.files.append(render.ManagedFile(tls.CA_FILE, tls.ca_certificate(site, secrets), "0644", "root", "root",

@@ -11,7 +11,8 @@ import re
 from typing import Any, Callable
 
 from dicomfleet import cluster, firewall
-from dicomfleet.inventory import CENTRAL_GROUP, RawInventory
+from dicomfleet.dashboard import rollout
+from dicomfleet.inventory import CENTRAL_GROUP, RawInventory, is_loopback
 
 # Orthanc plugins from Debian's packages that dicomfleet configures, with the configuration file each ships.
 PLUGIN_PACKAGES = {
@@ -142,14 +143,30 @@ def _validate_ports(raw: RawInventory, report: Callable[[str, str, str], None]) 
         if CENTRAL_GROUP in entry.groups:
             claim(data.get("dicomfleet_orthanc_http_port", 8042), "dicomfleet_orthanc_http_port")
             claim(data.get("dicomfleet_orthanc_dicom_port", 4242), "dicomfleet_orthanc_dicom_port")
+            claim(data.get("dicomfleet_dashboard_port", rollout.DEFAULT_PORT), "dicomfleet_dashboard_port")
             if data.get("dicomfleet_tls", True):
                 claim(data.get("dicomfleet_https_port", 443), "dicomfleet_https_port")
+                claim(data.get("dicomfleet_dashboard_https_port", rollout.DEFAULT_HTTPS_PORT),
+                      "dicomfleet_dashboard_https_port")
         for other in raw.hosts.values():
             if other.vars.get("dicomfleet_cluster_balancer") == entry.name \
                     and CENTRAL_GROUP in other.groups and other.vars.get("dicomfleet_cluster"):
                 claim(other.vars.get("dicomfleet_cluster_https_port", cluster.DEFAULT_BALANCER_PORT),
                       "dicomfleet_cluster_https_port")
                 break
+
+
+def _validate_dashboard_bind(central: list, report: Callable[[str, str, str], None]) -> None:
+    """Report a dashboard that would serve plain HTTP to the network on a host where nginx serves it over TLS."""
+    for entry in central:
+        bind = entry.vars.get("dicomfleet_dashboard_bind")
+        if bind is None or not entry.vars.get("dicomfleet_tls", True) or not isinstance(bind, str):
+            continue
+        if not is_loopback(bind):
+            report(entry.name, "dicomfleet_dashboard_bind",
+                   f"{bind!r} is not a loopback address; with TLS on, nginx serves the dashboard over "
+                   "HTTPS on dicomfleet_dashboard_https_port and the dashboard's own plain HTTP listener "
+                   "stays on loopback: remove the variable (127.0.0.1) or give a 127.x.x.x address")
 
 
 def validate(raw: RawInventory, report: Callable[[str, str, str], None]) -> None:
@@ -160,3 +177,4 @@ def validate(raw: RawInventory, report: Callable[[str, str, str], None]) -> None
     firewall.validate(raw.hosts, report)
     _validate_regions(central, report)
     _validate_ports(raw, report)
+    _validate_dashboard_bind(central, report)

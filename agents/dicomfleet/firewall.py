@@ -23,15 +23,15 @@ from dicomfleet.inventory import (
     Machine,
     OrthancServer,
     Site,
+    is_loopback,
 )
+from dicomfleet.dashboard import rollout
 
 RULES_PATH = "/etc/dicomfleet/firewall.nft"
 UNIT = "dicomfleet-firewall.service"
 # The nftables package's own unit, which dicomfleet leaves disabled but sandboxes.
 DEBIAN_UNIT_DROP_IN = "/etc/systemd/system/nftables.service.d/dicomfleet-hardening.conf"
 TABLE = "dicomfleet"
-# The dashboard's port when the inventory sets none (dicomfleet.dashboard.rollout.DEFAULT_PORT).
-DASHBOARD_PORT = 8050
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +59,6 @@ class Rule:
     def set_name(self) -> str:
         """The nftables set name of this rule's sources, without the address family suffix."""
         return f"port_{self.port}"
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return address == "localhost"
 
 
 def enabled(site: Site, host: str) -> bool:
@@ -153,15 +146,17 @@ def _server_rules(site: Site, server: OrthancServer) -> list[Rule]:
         rules.append(Rule(server.http_port, "HTTP to Orthanc without TLS", _unique([*rest_senders, *viewers]),
                           reason))
 
-    dashboard_bind = str(data.get("dicomfleet_dashboard_bind", server.address))
-    if not _is_loopback(dashboard_bind):
-        agents = _unique(agent_address(site, m) for m in machines if m.agent_host)
-        rules.append(Rule(int(data.get("dicomfleet_dashboard_port", DASHBOARD_PORT)), "HTTP to the dashboard",
-                          _unique([*agents, *viewers]),
-                          "heartbeats from the agents' hosts, and browsers on the viewer networks"))
+    agents = _unique(agent_address(site, m) for m in machines if m.agent_host)
+    dashboard_reason = "heartbeats from the agents' hosts, and browsers on the viewer networks"
+    if rollout.behind_tls(server):
+        rules.append(Rule(rollout.dashboard_https_port(server), "HTTPS to nginx in front of the dashboard",
+                          _unique([*agents, *viewers]), dashboard_reason))
+    elif not is_loopback(rollout.listen_address(server)):
+        rules.append(Rule(rollout.dashboard_port(server), "HTTP to the dashboard without TLS",
+                          _unique([*agents, *viewers]), dashboard_reason))
 
     bind = str(data.get("dicomfleet_mongodb_bind", "127.0.0.1"))
-    if server.embedded_mongodb and not _is_loopback(bind) \
+    if server.embedded_mongodb and not is_loopback(bind) \
             and not clusters.is_secondary(site, server.host):
         writers = [s.address for s in site.servers.values()
                    if s.host != server.host and bind in s.mongodb_uri]

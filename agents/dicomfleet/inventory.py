@@ -9,6 +9,7 @@ imaging machine. Nothing here contacts a host.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,14 @@ class Site:
     def server_of(self, machine: Machine) -> OrthancServer:
         """Return the Orthanc server MACHINE sends to."""
         return self.servers[machine.orthanc]
+
+
+def is_loopback(address: str) -> bool:
+    """Return True when ADDRESS is a loopback IP address or the name localhost."""
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def _merge_group(

@@ -2,9 +2,9 @@
 
 Orthanc serves plain HTTP on every interface and has no listen-address setting, so
 nginx takes HTTPS on the host's own address and passes requests to Orthanc over
-loopback, and the firewall closes Orthanc's HTTP port to the network. Other
-dicomfleet services add locations to the same server block by dropping a file in
-``/etc/nginx/dicomfleet.d/``.
+loopback, and the firewall closes Orthanc's HTTP port to the network. The
+dashboard gets its own HTTPS server block on its own port, in front of its plain
+HTTP listener on loopback.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import ipaddress
 
 from dicomfleet import cluster as clusters
 from dicomfleet import credentials, firewall, render, tls
+from dicomfleet.dashboard import rollout
 from dicomfleet.inventory import Machine, OrthancServer, Site
 
 NGINX_UNIT = "nginx.service"
-LOCATIONS_DIR = "/etc/nginx/dicomfleet.d"
 PROXY_SNIPPET = "/etc/nginx/snippets/dicomfleet-proxy.conf"
 TLS_SNIPPET = "/etc/nginx/snippets/dicomfleet-tls.conf"
 FRONT_SITE = "/etc/nginx/sites-enabled/dicomfleet-orthanc.conf"
@@ -87,10 +87,11 @@ def _root_file(path: str, content: str, template: str, mode: str = "0644", secre
 
 
 def nginx_ports(site: Site, host: str) -> set[int]:
-    """Return the ports nginx listens on on HOST: its HTTPS front and the clusters it balances."""
+    """Return the ports nginx listens on on HOST: its HTTPS fronts and the clusters it balances."""
     ports = set()
     if host in site.servers and tls_enabled(site, host):
         ports.add(https_port(site, host))
+        ports.add(rollout.dashboard_https_port(site.servers[host]))
     ports.update(cluster.balancer_port for cluster in clusters.balancer_hosts(site).get(host, []))
     return ports
 
@@ -128,7 +129,6 @@ def _plan_nginx(plan: render.HostPlan, site: Site, host: str, secrets: credentia
     plan.apt_packages.append("nginx")
     plan.directories.append(render.ManagedDirectory("/etc/dicomfleet", "0755", "root", "root"))
     plan.directories.append(render.ManagedDirectory(tls.TLS_DIR, "0755", "root", "root"))
-    plan.directories.append(render.ManagedDirectory(LOCATIONS_DIR, "0755", "root", "root"))
     for folder in TEMPORARY_DIRS:
         plan.directories.append(render.ManagedDirectory(folder, "0700", "www-data", "www-data"))
 
@@ -160,7 +160,7 @@ def _plan_nginx(plan: render.HostPlan, site: Site, host: str, secrets: credentia
 
 def plan_front(plan: render.HostPlan, site: Site, server: OrthancServer,
                secrets: credentials.SiteSecrets) -> None:
-    """Add to PLAN the nginx that serves SERVER's Orthanc over HTTPS on the host's address."""
+    """Add to PLAN the nginx that serves SERVER's Orthanc and its dashboard over HTTPS on the host's address."""
     cluster = clusters.cluster_of(site, server.host)
     dns_names = [cluster.verify_name] if cluster is not None else []
     _plan_nginx(plan, site, server.host, secrets, dns_names)
@@ -173,6 +173,14 @@ def plan_front(plan: render.HostPlan, site: Site, server: OrthancServer,
     }
     _add(plan, _root_file(FRONT_SITE, render.render_template("nginx-orthanc.conf.j2", context),
                           "nginx-orthanc.conf.j2"))
+
+    dashboard = {
+        **context,
+        "listen": f"{url_host(server.address)}:{rollout.dashboard_https_port(server)}",
+        "upstream": f"{url_host(rollout.listen_address(server))}:{rollout.dashboard_port(server)}",
+    }
+    _add(plan, _root_file(rollout.NGINX_SITE, render.render_template("nginx-dashboard.conf.j2", dashboard),
+                          "nginx-dashboard.conf.j2"))
 
 
 def plan_balancer(plan: render.HostPlan, site: Site, host: str, balanced: list[clusters.Cluster],

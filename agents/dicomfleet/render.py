@@ -133,6 +133,8 @@ def orthanc_settings(site: Site, server: OrthancServer) -> dict:
     Each REST agent keeps up to four keep-alive connections, so the HTTP pool
     grows with the fleet; each DICOM sender holds one association at a time.
     """
+    from dicomfleet import proxy
+
     data = server.vars
     machines = site.machines_of(server)
     rest_senders = sum(1 for m in machines if m.agent_host and m.transport != TRANSPORT_CSTORE)
@@ -150,7 +152,10 @@ def orthanc_settings(site: Site, server: OrthancServer) -> dict:
         "http_threads": int(data.get("dicomfleet_orthanc_http_threads", min(200, max(50, 4 * rest_senders + 10)))),
         "dicom_threads": int(data.get("dicomfleet_orthanc_dicom_threads", min(64, max(4, dicom_senders + 2)))),
         "stable_age": int(data.get("dicomfleet_orthanc_stable_age", 60)),
-        "remote_access_allowed": bool(data.get("dicomfleet_orthanc_remote_access", True)),
+        # Behind nginx every request reaches Orthanc from 127.0.0.1, so Orthanc itself
+        # refuses plain HTTP from any other address, firewall or not.
+        "remote_access_allowed": bool(data.get("dicomfleet_orthanc_remote_access",
+                                               not proxy.tls_enabled(site, server.host))),
     }
 
 
@@ -252,16 +257,26 @@ def _rest_targets(site: Site, machines: list[Machine]) -> dict[str, dict]:
     return targets
 
 
-def _heartbeat_settings(site: Site, data: dict, machines: list[Machine]) -> dict | None:
-    """Return where the agent of MACHINES sends heartbeats: the dashboard of their Orthanc server."""
+def heartbeat_url(site: Site, machines: list[Machine]) -> str | None:
+    """Return the heartbeat URL of the agent of MACHINES: the dashboard of their Orthanc server; None without machines."""
     from dicomfleet.dashboard import rollout
 
     if not machines:
         return None
     # NOTE: an agent whose machines send to several Orthanc servers reports to the first one's dashboard only.
-    server = site.server_of(machines[0])
+    return rollout.dashboard_url(site.server_of(machines[0])) + rollout.HEARTBEAT_API
+
+
+def _heartbeat_settings(site: Site, data: dict, machines: list[Machine]) -> dict | None:
+    """Return where and how often the agent of MACHINES sends heartbeats, with the CA file for HTTPS."""
+    from dicomfleet import tls
+
+    url = heartbeat_url(site, machines)
+    if url is None:
+        return None
     return {
-        "url": rollout.dashboard_url(server) + rollout.HEARTBEAT_API,
+        "url": url,
+        "ca_file": tls.CA_FILE if url.startswith("https://") else None,
         "interval_s": float(data.get("dicomfleet_heartbeat_interval_s", 30)),
     }
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import requests
 
-from dicomfleet import credentials
+from dicomfleet import credentials, tls
 from dicomfleet.dashboard import rollout, timefmt
 from dicomfleet.inventory import InventoryError, OrthancServer, Site, load_site
 
@@ -59,8 +59,16 @@ def read_dashboard(site: Site, server: OrthancServer, secrets: credentials.SiteS
                         "first, or set DICOMFLEET_SECRETS_DIR to the folder holding its secrets")
         return result
 
+    verify: bool | str = True
+    if url.startswith("https://"):
+        ca_file = tls.ca_certificate_file(site, secrets)
+        if not ca_file.is_file():
+            result.error = (f"no CA certificate at {ca_file} to verify the dashboard at {url}; deploy the site "
+                            "first, or set DICOMFLEET_SECRETS_DIR to the folder holding its secrets")
+            return result
+        verify = str(ca_file)
     try:
-        answer = requests.get(url + FLEET_API, auth=(login, password), timeout=timeout)
+        answer = requests.get(url + FLEET_API, auth=(login, password), timeout=timeout, verify=verify)
     except requests.RequestException as error:
         result.error = f"the dashboard at {url} does not answer: {error}"
         return result

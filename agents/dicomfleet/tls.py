@@ -237,10 +237,15 @@ def site_ca(site: Site, secrets: credentials.SiteSecrets) -> SiteCA:
     return SiteCA(secrets.folder / "tls", secrets.create, site.name)
 
 
-def _inventory_file(site: Site, host: str, variable: str, value: Any) -> str:
+def _inventory_path(site: Site, value: Any) -> Path:
     path = Path(str(value))
     if not path.is_absolute():
         path = site.path.resolve().parent / path
+    return path
+
+
+def _inventory_file(site: Site, host: str, variable: str, value: Any) -> str:
+    path = _inventory_path(site, value)
     try:
         return path.read_text(encoding="ascii")
     except OSError as error:
@@ -272,10 +277,26 @@ def host_certificate(site: Site, host: str, secrets: credentials.SiteSecrets,
     return site_ca(site, secrets).host_certificate(host, [address], dns_names)
 
 
+def _hospital_ca(site: Site) -> tuple[str, Any] | None:
+    """Return the central host and value of the inventory's ``dicomfleet_tls_ca_certificate``, if one names it."""
+    for server in site.servers.values():
+        value = server.vars.get("dicomfleet_tls_ca_certificate")
+        if value:
+            return server.host, value
+    return None
+
+
 def ca_certificate(site: Site, secrets: credentials.SiteSecrets) -> str:
     """Return the PEM text clients of SITE trust: the hospital's CA when the inventory names one."""
-    for server in site.servers.values():
-        path = server.vars.get("dicomfleet_tls_ca_certificate")
-        if path:
-            return _inventory_file(site, server.host, "dicomfleet_tls_ca_certificate", path)
+    hospital = _hospital_ca(site)
+    if hospital is not None:
+        return _inventory_file(site, hospital[0], "dicomfleet_tls_ca_certificate", hospital[1])
     return site_ca(site, secrets).certificate_pem()
+
+
+def ca_certificate_file(site: Site, secrets: credentials.SiteSecrets) -> Path:
+    """Return the file on the control machine holding the certificate of ``ca_certificate``, for HTTPS from there."""
+    hospital = _hospital_ca(site)
+    if hospital is not None:
+        return _inventory_path(site, hospital[1])
+    return site_ca(site, secrets).certificate_path

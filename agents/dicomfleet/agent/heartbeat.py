@@ -47,6 +47,8 @@ class HeartbeatSettings:
     timeout_s: float = DEFAULT_TIMEOUT_S
     # A folder of files named heartbeat-MACHINE, read when no systemd credential exists (local runs).
     token_folder: Path | None = None
+    # The CA certificate that verifies an https:// dashboard; None trusts the system's CAs.
+    ca_file: Path | None = None
 
 
 def parse_heartbeat_table(table: Any, where: str) -> HeartbeatSettings:
@@ -55,7 +57,7 @@ def parse_heartbeat_table(table: Any, where: str) -> HeartbeatSettings:
     if not isinstance(table, dict):
         raise HeartbeatConfigError([f"{where}: [heartbeat] must be a table."])
 
-    known = ("url", "interval_s", "timeout_s", "token_folder")
+    known = ("url", "interval_s", "timeout_s", "token_folder", "ca_file")
     for key in table:
         if key not in known:
             problems.append(f"{where}: [heartbeat] unknown key {key!r} (known keys: {', '.join(known)}).")
@@ -72,6 +74,10 @@ def parse_heartbeat_table(table: Any, where: str) -> HeartbeatSettings:
     folder = table.get("token_folder")
     if folder is not None and (not isinstance(folder, str) or not folder.startswith("/")):
         problems.append(f"{where}: [heartbeat] token_folder = {folder!r} must be an absolute folder path.")
+    ca_file = table.get("ca_file")
+    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file.startswith("/")):
+        problems.append(f"{where}: [heartbeat] ca_file = {ca_file!r} must be the absolute path of a PEM "
+                        "certificate, such as \"/etc/dicomfleet/tls/site-ca.pem\".")
     if problems:
         raise HeartbeatConfigError(problems)
 
@@ -80,6 +86,7 @@ def parse_heartbeat_table(table: Any, where: str) -> HeartbeatSettings:
         interval_s=float(table.get("interval_s", DEFAULT_INTERVAL_S)),
         timeout_s=float(table.get("timeout_s", DEFAULT_TIMEOUT_S)),
         token_folder=Path(folder) if folder else None,
+        ca_file=Path(ca_file) if ca_file else None,
     )
 
 
@@ -150,6 +157,8 @@ class HeartbeatSender:
         self.sent = 0
         self.failed = 0
         self._session = requests.Session()
+        # Given per request: requests lets REQUESTS_CA_BUNDLE override a session's verify.
+        self._verify: bool | str = str(settings.ca_file) if settings.ca_file is not None else True
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -192,7 +201,7 @@ class HeartbeatSender:
         try:
             answer = self._session.post(url, json=heartbeat_body(document, machine_id),
                                         headers={"Authorization": f"Bearer {token}"},
-                                        timeout=self.settings.timeout_s)
+                                        timeout=self.settings.timeout_s, verify=self._verify)
         except requests.RequestException as error:
             self.failed += 1
             self.problems.report(("send", machine_id), f"Heartbeat of machine {machine_id} to {url} failed: "

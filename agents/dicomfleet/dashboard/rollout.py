@@ -10,7 +10,7 @@ import ipaddress
 
 from dicomfleet import credentials
 from dicomfleet.dashboard.heartbeats import token_digest
-from dicomfleet.inventory import Machine, OrthancServer, Site
+from dicomfleet.inventory import Machine, OrthancServer, Site, is_loopback
 
 SERVICE_USER = "dicomfleet-dashboard"
 UNIT = "dicomfleet-dashboard.service"
@@ -19,17 +19,38 @@ ALERT_RULES_PATH = "/etc/dicomfleet/prometheus/dicomfleet-alerts.yml"
 HEARTBEAT_API = "/api/v1/heartbeats"
 
 DEFAULT_PORT = 8050
+DEFAULT_HTTPS_PORT = 8443
 DEFAULT_TRUSTED_PROXIES = ["127.0.0.1", "::1"]
+# nginx serves the dashboard over HTTPS from this site file when the host has TLS.
+NGINX_SITE = "/etc/nginx/sites-enabled/dicomfleet-dashboard.conf"
+
+
+def behind_tls(server: OrthancServer) -> bool:
+    """Return True when nginx serves SERVER's dashboard over HTTPS (the host's ``dicomfleet_tls``)."""
+    return bool(server.vars.get("dicomfleet_tls", True))
 
 
 def dashboard_port(server: OrthancServer) -> int:
-    """Return the dashboard's port on SERVER's host."""
+    """Return the port the dashboard itself listens on: plain HTTP, on loopback when nginx fronts it."""
     return int(server.vars.get("dicomfleet_dashboard_port", DEFAULT_PORT))
+
+
+def dashboard_https_port(server: OrthancServer) -> int:
+    """Return the port nginx serves the dashboard on over HTTPS on SERVER's address."""
+    return int(server.vars.get("dicomfleet_dashboard_https_port", DEFAULT_HTTPS_PORT))
+
+
+def network_port(server: OrthancServer) -> int:
+    """Return the dashboard's port as the network reaches it: nginx's HTTPS port, or the plain one without TLS."""
+    return dashboard_https_port(server) if behind_tls(server) else dashboard_port(server)
 
 
 def dashboard_url(server: OrthancServer) -> str:
     """Return the URL agents and ``dicomfleet status`` use to reach SERVER's dashboard, without a trailing slash."""
-    default = f"http://{server.address}:{dashboard_port(server)}"
+    from dicomfleet.proxy import url_host
+
+    scheme = "https" if behind_tls(server) else "http"
+    default = f"{scheme}://{url_host(server.address)}:{network_port(server)}"
     return str(server.vars.get("dicomfleet_dashboard_url", default)).rstrip("/")
 
 
@@ -38,16 +59,22 @@ def dashboard_login(server: OrthancServer) -> str:
     return str(server.vars.get("dicomfleet_dashboard_login", credentials.DEFAULT_DASHBOARD_LOGIN))
 
 
-def _listen_address(server: OrthancServer) -> str:
-    # NOTE: nginx does not front the dashboard yet. Logins and heartbeats reach it over
-    # plain HTTP on the central host's address, and the firewall opens its port for that.
+def listen_address(server: OrthancServer) -> str:
+    """Return the address the dashboard's plain HTTP listener binds on SERVER's host.
+
+    Behind nginx that is loopback: the host's own address when it is a loopback
+    one (lab hosts share one loopback, 127.0.10.x each), else 127.0.0.1. Without
+    TLS the dashboard serves the network itself, on the host's address.
+    """
     configured = server.vars.get("dicomfleet_dashboard_bind")
     if configured:
         return str(configured)
+    if behind_tls(server):
+        return server.address if is_loopback(server.address) else "127.0.0.1"
     try:
         ipaddress.ip_address(server.address)
     except ValueError:
-        # NOTE: a host name cannot be bound, so the dashboard listens on every IPv4 address.
+        # NOTE: a host name cannot be bound, so without TLS the dashboard listens on every IPv4 address.
         return "0.0.0.0"
     return server.address
 
@@ -86,7 +113,7 @@ def dashboard_context(site: Site, server: OrthancServer, secrets: credentials.Si
     return {
         **server_context,
         "dashboard": {
-            "listen": _listen_address(server),
+            "listen": listen_address(server),
             "port": dashboard_port(server),
             "url": dashboard_url(server),
             "timezone": str(data.get("dicomfleet_timezone", "")),
