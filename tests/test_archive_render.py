@@ -249,7 +249,8 @@ def test_nginx_default_site_removed(example_site, secrets):
 def test_nginx_allows_firewall_sources_only(example_site, secrets):
     drop_in = file_of(render.plan_host(example_site, "pacs1", secrets), proxy.HARDENING_DROP_IN).content
     # mri1 (198.51.100.21) sends C-STORE, so it reaches nginx only for the dashboard's heartbeats.
-    assert "IPAddressAllow=localhost 198.51.100.11 198.51.100.32 203.0.113.0/24 198.51.100.21\n" in drop_in
+    assert "IPAddressAllow=localhost 198.51.100.11 198.51.100.32 203.0.113.0/24 192.0.2.64/27 198.51.100.21\n" \
+        in drop_in
 
 
 def test_tls_off_keeps_plain_orthanc(tmp_path):

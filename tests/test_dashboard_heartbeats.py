@@ -280,6 +280,14 @@ def test_forwarded_proto_redirects_to_https(site):
     assert answer.headers["Location"].startswith("https://pacs.example/login")
 
 
+def test_forwarded_port_kept_in_redirect(site):
+    # nginx in front of the dashboard listens on its own port (8443 by default), so a
+    # redirect that dropped it would land on Orthanc's HTTPS front instead.
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "pacs.example", "X-Forwarded-Port": "8443"}
+    answer = requests.get(site.url + "/fleet", headers=headers, timeout=10, allow_redirects=False)
+    assert answer.headers["Location"].startswith("https://pacs.example:8443/login")
+
+
 def test_login_next_refuses_other_sites(site):
     session = requests.Session()
     page = session.get(site.url + "/login", timeout=10).text

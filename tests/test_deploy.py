@@ -151,6 +151,14 @@ def test_dashboard_served_by_nginx_over_https(deployed):
     assert answer.status_code == 200
 
 
+def test_dashboard_redirect_keeps_https_port(deployed):
+    site = deployed["site"]
+    ca_file = tls.ca_certificate_file(site, credentials.existing_secrets(site))
+    answer = requests.get(f"https://{CENTRAL}:{DASHBOARD_HTTPS_PORT}/fleet", verify=str(ca_file), timeout=10,
+                          allow_redirects=False)
+    assert answer.headers["Location"].startswith(f"https://{CENTRAL}:{DASHBOARD_HTTPS_PORT}/login")
+
+
 def test_orthanc_plain_http_refused_from_network_address(deployed):
     # Orthanc takes only 127.0.0.1 as local: a request from a scanner's address with the
     # admin's own password is refused, while nginx (from 127.0.0.1) is served.
@@ -164,6 +172,13 @@ def test_orthanc_plain_http_refused_from_network_address(deployed):
     finally:
         connection.close()
     assert status == 401
+
+
+def test_check_reaches_orthanc_through_nginx(deployed):
+    result = subprocess.run([str(ROOT / ".venv/bin/dicomfleet"), "check", str(deployed["path"]), "ct1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"reached https://{CENTRAL}:443 as user ct1" in result.stdout
 
 
 def _heartbeats_by_status(path: Path) -> dict[str, str | None]:

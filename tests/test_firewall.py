@@ -45,18 +45,18 @@ def test_dicom_port_open_to_registered_senders(example_site):
     assert rule.sources == ("198.51.100.12", "198.51.100.21", "198.51.100.31")
 
 
-def test_https_open_to_agents_and_viewers(example_site):
+def test_https_open_to_agents_viewers_and_admins(example_site):
     rule = _rule(example_site, "pacs1", 443)
-    assert rule.sources == ("198.51.100.11", "198.51.100.32", "203.0.113.0/24")
+    assert rule.sources == ("198.51.100.11", "198.51.100.32", "203.0.113.0/24", "192.0.2.64/27")
 
 
 def test_orthanc_http_port_closed(example_site):
     assert [r for r in firewall.rules_for(example_site, "pacs1") if r.port == 8042] == []
 
 
-def test_dashboard_https_open_to_agents_and_viewers(example_site):
+def test_dashboard_https_open_to_agents_viewers_and_admins(example_site):
     rule = _rule(example_site, "pacs1", 8443)
-    assert rule.sources == ("198.51.100.11", "198.51.100.21", "198.51.100.32", "203.0.113.0/24")
+    assert rule.sources == ("198.51.100.11", "198.51.100.21", "198.51.100.32", "203.0.113.0/24", "192.0.2.64/27")
 
 
 def test_dashboard_plain_port_closed_behind_nginx(example_site):

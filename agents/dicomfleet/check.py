@@ -30,7 +30,7 @@ import pymongo.errors
 import requests
 from pydicom.uid import generate_uid
 
-from dicomfleet import credentials, demo
+from dicomfleet import credentials, demo, proxy, tls
 from dicomfleet.inventory import INGEST_DICOM, InventoryError, Machine, Site, load_site
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,13 @@ def run_on_host(site: Site, host: str, script: str, stdin: bytes = b"") -> str:
     return demo.run_on_host(site, host, script, stdin)
 
 
-# Run on the machine's host with its python3: GET /system with the machine's own
-# Orthanc user, the password read from the root-only credential file.
+# Run on the machine's host with its python3: GET /system at the agent's own URL with
+# the machine's Orthanc user, the password read from the root-only credential file,
+# and over HTTPS the site CA that the agent trusts.
 _REACH_SCRIPT = """
-import base64, sys, urllib.error, urllib.request
-url, user, password_file = sys.argv[1:4]
+import base64, ssl, sys, urllib.error, urllib.request
+url, user, password_file, ca_file = sys.argv[1:5]
+context = ssl.create_default_context(cafile=ca_file) if ca_file else None
 try:
     password = open(password_file, encoding="ascii").read().strip()
 except OSError as error:
@@ -118,7 +120,7 @@ request = urllib.request.Request(url + "/system")
 token = base64.b64encode((user + ":" + password).encode()).decode()
 request.add_header("Authorization", "Basic " + token)
 try:
-    with urllib.request.urlopen(request, timeout=10) as answer:
+    with urllib.request.urlopen(request, timeout=10, context=context) as answer:
         print("HTTP", answer.status)
 except urllib.error.HTTPError as error:
     sys.exit("Orthanc answered HTTP " + str(error.code) + (": it rejects the machine's credentials" if error.code == 401 else ""))
@@ -138,8 +140,15 @@ class Checker:
         secrets = credentials.existing_secrets(site)
         self.admin_auth = (credentials.ADMIN_USER, secrets.orthanc_password(credentials.ADMIN_USER))
         self.password_file = password_file or f"/etc/dicomfleet/credentials/orthanc-{machine.id}.password"
+        # The control machine reaches Orthanc as a browser would: through nginx when the
+        # site has TLS, because Orthanc then rejects plain HTTP from other hosts.
+        self.orthanc_url = proxy.public_url(site, self.server)
         self.session = requests.Session()
         self.session.auth = self.admin_auth
+        if self.orthanc_url.startswith("https://"):
+            self.session.verify = str(tls.ca_certificate_file(site, secrets))
+            # Otherwise requests lets REQUESTS_CA_BUNDLE override the session's verify.
+            self.session.trust_env = False
         bind = self.server.vars.get("dicomfleet_mongodb_bind", self.server.address)
         uri = self.server.mongodb_uri or f"mongodb://{bind}:{self.server.mongodb_port}/"
         self.mongodb = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=True)
@@ -168,7 +177,7 @@ class Checker:
         """Check that the machine's host reaches Orthanc and that Orthanc accepts the machine's credentials."""
         name = "host reaches Orthanc"
         if self.machine.ingest == INGEST_DICOM:
-            answer = self.session.post(f"{self.server.url}/modalities/{self.machine.id}/echo", data="{}",
+            answer = self.session.post(f"{self.orthanc_url}/modalities/{self.machine.id}/echo", data="{}",
                                        timeout=30)
             if answer.status_code == 200:
                 return StepResult(name, PASS, f"Orthanc's C-ECHO to {self.machine.ae_title} at "
@@ -176,15 +185,17 @@ class Checker:
             return StepResult(name, FAIL, f"Orthanc's C-ECHO to {self.machine.ae_title} at {self.machine.address} "
                                           f"failed (HTTP {answer.status_code}); is the machine on and registered?")
 
+        url = proxy.machine_url(self.site, self.machine)
+        ca_file = tls.CA_FILE if url.startswith("https://") else ""
         arguments = " ".join(shlex.quote(value) for value in
-                             (self.server.url, self.machine.orthanc_username, self.password_file))
+                             (url, self.machine.orthanc_username, self.password_file, ca_file))
         try:
             output = run_on_host(self.site, self.agent_host, f"python3 - {arguments}",
                                  _REACH_SCRIPT.encode())
         except (RuntimeError, subprocess.TimeoutExpired) as error:
-            return StepResult(name, FAIL, f"{self.agent_host} cannot reach {self.server.url} as user "
+            return StepResult(name, FAIL, f"{self.agent_host} cannot reach {url} as user "
                                           f"{self.machine.orthanc_username}: {error}")
-        return StepResult(name, PASS, f"{self.agent_host} reached {self.server.url} as user "
+        return StepResult(name, PASS, f"{self.agent_host} reached {url} as user "
                                       f"{self.machine.orthanc_username} ({output.strip()})")
 
     def drop_image(self) -> StepResult:
@@ -208,7 +219,7 @@ class Checker:
                                       f"{self.image.study_instance_uid})")
 
     def _lookup_instance(self) -> str | None:
-        answer = self.session.post(f"{self.server.url}/tools/lookup", data=self.image.sop_instance_uid, timeout=10)
+        answer = self.session.post(f"{self.orthanc_url}/tools/lookup", data=self.image.sop_instance_uid, timeout=10)
         answer.raise_for_status()
         for item in answer.json():
             if item["Type"] == "Instance":
@@ -216,7 +227,7 @@ class Checker:
         return None
 
     def _source_machine(self, instance_id: str) -> str | None:
-        answer = self.session.get(f"{self.server.url}/instances/{instance_id}/metadata/SourceMachine", timeout=10)
+        answer = self.session.get(f"{self.orthanc_url}/instances/{instance_id}/metadata/SourceMachine", timeout=10)
         return answer.text if answer.status_code == 200 else None
 
     def seen_in_orthanc(self) -> StepResult:
@@ -227,16 +238,16 @@ class Checker:
         try:
             instance_id = self._wait(self._lookup_instance, self.timeout)
         except requests.RequestException as error:
-            return StepResult(name, FAIL, f"cannot query Orthanc at {self.server.url}: {error}")
+            return StepResult(name, FAIL, f"cannot query Orthanc at {self.orthanc_url}: {error}")
         if instance_id is None:
             return StepResult(name, FAIL, f"Orthanc did not receive SOP Instance UID {self.image.sop_instance_uid} "
                                           f"within {self.timeout:.0f} s; read 'journalctl -u dicomfleet-agent' "
                                           f"on {self.agent_host}")
 
-        instance = self.session.get(f"{self.server.url}/instances/{instance_id}", timeout=10).json()
-        self.orthanc_study_id = self.session.get(f"{self.server.url}/series/{instance['ParentSeries']}",
+        instance = self.session.get(f"{self.orthanc_url}/instances/{instance_id}", timeout=10).json()
+        self.orthanc_study_id = self.session.get(f"{self.orthanc_url}/series/{instance['ParentSeries']}",
                                                  timeout=10).json()["ParentStudy"]
-        metadata = self.session.get(f"{self.server.url}/instances/{instance_id}/metadata?expand",
+        metadata = self.session.get(f"{self.orthanc_url}/instances/{instance_id}/metadata?expand",
                                     timeout=10).json()
         # The agent writes SourceMachine right after the upload, so it may lag the instance briefly.
         source = self._wait(lambda: self._source_machine(instance_id), 10)
@@ -293,7 +304,7 @@ class Checker:
             if self.orthanc_study_id is None:
                 self.orthanc_study_id = self._study_of_late_instance()
             if self.orthanc_study_id is not None:
-                answer = self.session.delete(f"{self.server.url}/studies/{self.orthanc_study_id}", timeout=30)
+                answer = self.session.delete(f"{self.orthanc_url}/studies/{self.orthanc_study_id}", timeout=30)
                 if answer.status_code not in (200, 404):
                     problems.append(f"Orthanc answered HTTP {answer.status_code} to deleting study "
                                     f"{self.orthanc_study_id}")
@@ -316,8 +327,8 @@ class Checker:
         instance_id = self._lookup_instance()
         if instance_id is None:
             return None
-        instance = self.session.get(f"{self.server.url}/instances/{instance_id}", timeout=10).json()
-        return self.session.get(f"{self.server.url}/series/{instance['ParentSeries']}", timeout=10).json()["ParentStudy"]
+        instance = self.session.get(f"{self.orthanc_url}/instances/{instance_id}", timeout=10).json()
+        return self.session.get(f"{self.orthanc_url}/series/{instance['ParentSeries']}", timeout=10).json()["ParentStudy"]
 
 
 def find_machine(site: Site, name: str) -> Machine | None:
@@ -384,7 +395,7 @@ def main(args: list[str] | None = None) -> int:
         return 2
 
     print(f"Checking machine {machine.id} ({machine.modality}, {machine.location}), ingest {machine.ingest}, "
-          f"Orthanc {site.server_of(machine).url}", flush=True)
+          f"Orthanc {proxy.public_url(site, site.server_of(machine))}", flush=True)
     results = run_checks(site, machine, options.timeout, _print_step, options.password_file)
     failed = [result for result in results if result.outcome == FAIL]
     if options.json:

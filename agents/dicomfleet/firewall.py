@@ -125,6 +125,7 @@ def _server_rules(site: Site, server: OrthancServer) -> list[Rule]:
     data = server.vars
     machines = site.machines_of(server)
     viewers = _networks(site, server.host, "dicomfleet_viewer_networks")
+    admin = _networks(site, server.host, "dicomfleet_admin_networks")
     rules = []
 
     dicom_senders = _unique(agent_address(site, m) for m in machines if sends_dicom(m))
@@ -132,28 +133,30 @@ def _server_rules(site: Site, server: OrthancServer) -> list[Rule]:
                       "C-STORE from the machines registered for DICOM"))
 
     rest_senders = list(_unique(agent_address(site, m) for m in machines if sends_rest(m)))
-    reason = "REST uploads from the agents' hosts, and browsers on the viewer networks"
+    senders = "REST uploads from the agents' hosts"
     cluster = clusters.cluster_of(site, server.host)
     if cluster is not None:
         # Agents reach a cluster through its balancer; the node only hears the balancer.
         rest_senders = [cluster.balancer_address]
-        reason = "requests from the cluster's load balancer, and browsers on the viewer networks"
+        senders = "requests from the cluster's load balancer"
     if data.get("dicomfleet_tls", True):
+        # The control machine on the admin networks runs dicomfleet check and status over HTTPS.
         https_port = int(data.get("dicomfleet_https_port", 443))
-        rules.append(Rule(https_port, "HTTPS to nginx in front of Orthanc", _unique([*rest_senders, *viewers]),
-                          reason))
+        rules.append(Rule(https_port, "HTTPS to nginx in front of Orthanc", _unique([*rest_senders, *viewers, *admin]),
+                          f"{senders}, browsers on the viewer networks, and the admin networks"))
     else:
         rules.append(Rule(server.http_port, "HTTP to Orthanc without TLS", _unique([*rest_senders, *viewers]),
-                          reason))
+                          f"{senders}, and browsers on the viewer networks"))
 
     agents = _unique(agent_address(site, m) for m in machines if m.agent_host)
-    dashboard_reason = "heartbeats from the agents' hosts, and browsers on the viewer networks"
     if rollout.behind_tls(server):
         rules.append(Rule(rollout.dashboard_https_port(server), "HTTPS to nginx in front of the dashboard",
-                          _unique([*agents, *viewers]), dashboard_reason))
+                          _unique([*agents, *viewers, *admin]),
+                          "heartbeats from the agents' hosts, browsers on the viewer networks, and the admin networks"))
     elif not is_loopback(rollout.listen_address(server)):
         rules.append(Rule(rollout.dashboard_port(server), "HTTP to the dashboard without TLS",
-                          _unique([*agents, *viewers]), dashboard_reason))
+                          _unique([*agents, *viewers]),
+                          "heartbeats from the agents' hosts, and browsers on the viewer networks"))
 
     bind = str(data.get("dicomfleet_mongodb_bind", "127.0.0.1"))
     if server.embedded_mongodb and not is_loopback(bind) \

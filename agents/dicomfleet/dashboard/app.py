@@ -86,12 +86,12 @@ class Runtime:
 
 
 class TrustedProxies:
-    """WSGI middleware that applies X-Forwarded-For, -Proto, -Host and -Prefix only from trusted addresses."""
+    """WSGI middleware that applies X-Forwarded-For, -Proto, -Host, -Port and -Prefix only from trusted addresses."""
 
     def __init__(self, app, trusted: tuple[str, ...]):
         self.app = app
         self.trusted = frozenset(trusted)
-        self.forwarded = ProxyFix(app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
+        self.forwarded = ProxyFix(app, x_for=1, x_proto=1, x_host=1, x_port=1, x_prefix=1)
 
     def __call__(self, environ, start_response):
         if environ.get("REMOTE_ADDR") in self.trusted:
