@@ -12,8 +12,8 @@ import time
 
 from dicomfleet.sync import updater
 from dicomfleet.sync.context import SyncContext
-from dicomfleet.sync.orthanc import Change, ChangePage
-from dicomfleet.sync.reconcile import reconcile
+from dicomfleet.sync.orthanc import Change, ChangePage, ResourceNotFound
+from dicomfleet.sync.reconcile import ReconcileReport, reconcile
 from dicomfleet.sync.retry import Stopped, wait_or_stop
 from dicomfleet.sync.store import TRANSIENT_ERRORS, Checkpoint
 
@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 PAGE_LIMIT = 500
 POLL_INTERVAL_S = 1.0
+# Limits of the check after a reconcile into an empty database, beyond which the
+# feed is replayed from 0: pages of changes read, and studies read one by one.
+MAX_COVER_CHECK_PAGES = 20
+MAX_COVER_CHECK_STUDIES = 100
 
 STABLE_STUDY = "StableStudy"
 DELETED = "Deleted"
@@ -109,8 +113,8 @@ class ChangeFollower:
             if change.change_type == STABLE_STUDY:
                 last_stable[change.id] = index
 
-        # Stable studies between two deletions are refreshed in parallel; a
-        # deletion waits for the refreshes before it, so their order holds.
+        # Stable studies between two deletions are refreshed as one batch. A
+        # deletion waits for the batch before it, so their order holds.
         done = [False] * len(page.changes)
         batch: list[int] = []
         stopped = False
@@ -208,5 +212,78 @@ class ChangeFollower:
         self._reconcile()
 
     def _reconcile(self) -> None:
-        reconcile(self.context, repair=True)
+        context = self.context
+        first = None
+        if self.checkpoint.seq == 0:
+            first = context.call_orthanc("reading the newest change", context.orthanc.last_change)
+
+        report = reconcile(context, repair=True)
         self.last_reconcile = time.monotonic()
+
+        if first is None or self.checkpoint.seq != 0:
+            return
+        if report.records or report.repair_failures:
+            return
+        if not self._reconcile_covers(first, report):
+            return
+        checkpoint = Checkpoint(seq=first.seq, last_change=first.fingerprint())
+        context.call_mongodb(f"saving the checkpoint at change {first.seq}",
+                             lambda: context.checkpoints.save(checkpoint))
+        self.checkpoint = checkpoint
+        log.info("Reconcile wrote all %d records of %s into an empty database; the change feed continues "
+                 "after change %d instead of replaying it from 0.", report.repaired, context.orthanc.label, first.seq)
+
+    def _reconcile_covers(self, first: Change, report: ReconcileReport) -> bool:
+        """Return True when a reconcile into an empty database left nothing for the changes up to FIRST to write.
+
+        Replaying the feed from 0 then reads every study again and writes
+        nothing, so the checkpoint may move to FIRST, the newest change read
+        before the reconcile listed Orthanc's studies. The caller has checked
+        that MongoDB had no record of this Orthanc, so reconcile wrote each
+        record whole, as the feed would, and that no write failed. The changes
+        up to FIRST write records only through StableStudy: Deleted finds no
+        record to mark. So every study in Orthanc now must have a record, or
+        be not yet stable (its StableStudy comes after FIRST), or have a
+        StableStudy after FIRST, which the feed reads. This check finds a study
+        that the listing missed, because a deletion shifted the pages of
+        ``/studies`` or because it shares its StudyInstanceUID with another
+        study. FIRST must still be the same change, or Orthanc's database was replaced.
+        """
+        context = self.context
+        written = {study.orthanc_id for study in report.missing_in_mongodb}
+        leftovers = set(context.call_orthanc("listing the study ids", context.orthanc.study_ids)) - written
+
+        since = first.seq - 1
+        for _ in range(MAX_COVER_CHECK_PAGES):
+            page = context.call_orthanc(f"reading the changes after {since}",
+                                        lambda: context.orthanc.changes(since, PAGE_LIMIT))
+            if since == first.seq - 1 and (not page.changes or page.changes[0] != first):
+                log.info("Change %d of %s is not the one read before the reconcile; replaying the change feed "
+                         "from 0.", first.seq, context.orthanc.label)
+                return False
+            for change in page.changes:
+                if change.seq > first.seq and change.change_type == STABLE_STUDY:
+                    leftovers.discard(change.id)
+            if page.done or not page.changes:
+                break
+            since = page.changes[-1].seq
+        else:
+            log.info("More than %d changes of %s arrived during the reconcile; replaying the change feed from 0.",
+                     MAX_COVER_CHECK_PAGES * PAGE_LIMIT, context.orthanc.label)
+            return False
+
+        if len(leftovers) > MAX_COVER_CHECK_STUDIES:
+            log.info("%d studies of %s have no record and no StableStudy change after change %d; replaying the "
+                     "change feed from 0.", len(leftovers), context.orthanc.label, first.seq)
+            return False
+        for orthanc_id in sorted(leftovers):
+            try:
+                study = context.call_orthanc(f"reading Orthanc study {orthanc_id}",
+                                             lambda: context.orthanc.study(orthanc_id))
+            except ResourceNotFound:
+                continue
+            if study.get("IsStable", True):
+                log.info("Orthanc study %s is stable but reconcile did not list it; replaying the change feed "
+                         "of %s from 0.", orthanc_id, context.orthanc.label)
+                return False
+        return True

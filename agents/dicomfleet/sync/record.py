@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 # A study's main modality is one of these only when the study has nothing else.
 NON_IMAGE_MODALITIES = frozenset({"PR", "SR", "KO", "DOC", "REG", "SEG", "RTSTRUCT", "RTPLAN", "RTRECORD"})
 
+# Instances per /tools/bulk-content request for metadata. Orthanc 1.10.1 returns
+# about 1 KB of JSON per CT instance, so a response stays near 1 MB.
+BULK_INSTANCES = 1000
+
 
 @dataclasses.dataclass
 class StudySnapshot:
@@ -58,6 +62,52 @@ def read_study(client: OrthancClient, orthanc_id: str) -> StudySnapshot:
             log.info("Instance %s of study %s was deleted while the sync read it.", instance_id, orthanc_id)
 
     return StudySnapshot(orthanc_id=orthanc_id, study=study, series=series, instance_metadata=metadata)
+
+
+def read_studies(client: OrthancClient, orthanc_ids: list[str]) -> dict[str, StudySnapshot]:
+    """Read the studies ORTHANC_IDS as read_study does, with a few ``/tools/bulk-content`` requests in all.
+
+    Returns a snapshot per study that Orthanc still has; a study deleted
+    before it is read is left out. The three levels are read one after the
+    other, so an instance deleted in between is left out, as in read_study.
+    """
+    studies = client.bulk_content(orthanc_ids, "Study")
+    series = client.bulk_content(orthanc_ids, "Series")
+
+    series_of: dict[str, list[dict[str, Any]]] = {study["ID"]: [] for study in studies}
+    for entry in series:
+        parent = series_of.get(entry.get("ParentStudy"))
+        if parent is not None:
+            parent.append(entry)
+
+    instance_ids = [instance_id for entries in series_of.values()
+                    for entry in entries for instance_id in entry.get("Instances", [])]
+    metadata: dict[str, dict[str, str]] = {}
+    for start in range(0, len(instance_ids), BULK_INSTANCES):
+        chunk = instance_ids[start:start + BULK_INSTANCES]
+        for instance in client.bulk_content(chunk, "Instance", metadata=True):
+            if "Metadata" in instance:
+                metadata[instance["ID"]] = instance["Metadata"]
+                continue
+            # An Orthanc whose /tools/bulk-content has no Metadata option (1.10.1 has it) leaves it out.
+            try:
+                metadata[instance["ID"]] = client.instance_metadata(instance["ID"])
+            except ResourceNotFound:
+                pass
+
+    snapshots = {}
+    for study in studies:
+        study_id = study["ID"]
+        study_metadata = {}
+        for entry in series_of[study_id]:
+            for instance_id in entry.get("Instances", []):
+                if instance_id in metadata:
+                    study_metadata[instance_id] = metadata[instance_id]
+                else:
+                    log.info("Instance %s of study %s was deleted while the sync read it.", instance_id, study_id)
+        snapshots[study_id] = StudySnapshot(orthanc_id=study_id, study=study, series=series_of[study_id],
+                                            instance_metadata=study_metadata)
+    return snapshots
 
 
 def _text(tags: dict[str, Any], name: str) -> str | None:
