@@ -107,6 +107,20 @@ def test_cstore_reuses_association(site):
     assert 1 <= log.count("Opened an association") <= 2
 
 
+def test_cstore_tags_instance_of_latin1_patient(site):
+    agent = site.start_agent()
+    # The agent cannot compute this instance's Orthanc ID from the bytes, so it looks the instance up.
+    data = make_instance(PatientID="Müller", SpecificCharacterSet="ISO_IR 100")
+    uid = sop_instance_uid(data)
+    (site.watch / "latin1.dcm").write_bytes(data)
+
+    instance = site.wait_stored([uid])[uid]
+    agent.wait_for_log("Stored file")
+
+    assert site.source_machine(instance) == MACHINE_ID
+    assert [row["instance_id"] for row in site.spool_rows()] == [instance]
+
+
 def test_cstore_unknown_ae_stops_machine(site):
     config = site.write_config()
     config.write_text(config.read_text().replace(f'ae_title = "{AE_TITLE}"', 'ae_title = "NOT_REGISTERED"'))

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from agent_support import PYDICOM_FILES, AgentSite, make_instance
-from dicomfleet.agent import dicomfile
+from dicomfleet.agent import dicomfile, rest
 
 # pydicom test files that are not DICOM instances Orthanc stores, with a part of the reason the check gives.
 REJECTED = {
@@ -247,3 +247,47 @@ def test_dicomfile_agrees_with_orthanc(orthanc, tmp_path):
 
     assert disagreements == []
     assert len(cases) == len(PYDICOM_TEST_FILES) + 9
+
+
+def test_dicomfile_patient_id_gives_orthanc_id(orthanc, tmp_path):
+    cases = {name: (PYDICOM_FILES / name).read_bytes() for name in PYDICOM_TEST_FILES if name not in REJECTED}
+    # Orthanc drops trailing padding of a Patient ID but keeps leading spaces.
+    cases["generated: Patient ID with leading spaces"] = make_instance(PatientID="  AB  ")
+    cases["generated: Patient ID padded with NUL"] = make_instance(PatientID="AB\0")
+    cases["generated: no Patient ID"] = make_instance(PatientID="")
+
+    wrong = []
+    computed = 0
+    for name, data in cases.items():
+        path = tmp_path / "case.dcm"
+        path.write_bytes(data)
+        verdict = dicomfile.check(path)
+        answer = requests.post(orthanc.url + "/instances", data=data, auth=orthanc.admin_auth, timeout=30)
+        if answer.status_code != 200 or verdict.patient_id is None:
+            continue
+        computed += 1
+        expected = rest.instance_id_of(verdict.patient_id, verdict.study_instance_uid,
+                                       verdict.series_instance_uid, verdict.sop_instance_uid)
+        if answer.json()["ID"] != expected:
+            wrong.append(f"{name}: Orthanc {answer.json()['ID']}, computed {expected}")
+
+    assert wrong == []
+    assert computed >= 60
+
+
+def test_dicomfile_patient_id_unknown_for_other_charset(tmp_path):
+    path = tmp_path / "latin1.dcm"
+    path.write_bytes(make_instance(PatientID="Müller", SpecificCharacterSet="ISO_IR 100"))
+
+    verdict = dicomfile.check(path)
+
+    assert verdict.valid is True
+    assert verdict.patient_id is None
+
+
+def test_dicomfile_patient_id_unknown_for_vr_un():
+    # This file encodes Patient ID with VR UN, whose padding Orthanc keeps.
+    verdict = dicomfile.check(PYDICOM_FILES / "rtdose_rle.dcm")
+
+    assert verdict.valid is True
+    assert verdict.patient_id is None

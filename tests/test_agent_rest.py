@@ -97,3 +97,37 @@ def test_rest_file_shorter_than_queued_raises(orthanc, session, tmp_path):
 
     with pytest.raises(rest.FileChangedError, match=f"of the {len(data) + 100} bytes"):
         rest.store_instance(session, _target(orthanc), path, len(data) + 100)
+
+
+def test_rest_md5_only_when_requested(orthanc, session, tmp_path):
+    data = make_instance()
+    path, size = _file(tmp_path, data)
+
+    with_md5 = rest.store_instance(session, _target(orthanc), path, size)
+    without_md5 = rest.store_instance(session, _target(orthanc), path, size, with_md5=False)
+
+    assert with_md5.md5 == hashlib.md5(data).hexdigest()
+    assert without_md5.md5 == ""
+    assert without_md5.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_rest_metadata_of_unknown_instance_not_found(orthanc, session):
+    unknown = rest.instance_id_of("nobody", "1.2.3", "1.2.3.4", "1.2.3.4.5")
+
+    with pytest.raises(rest.InstanceNotFound, match="HTTP 404"):
+        rest.set_source_machine(session, _target(orthanc), unknown, "ct1")
+
+
+def test_rest_upload_session_reads_proxy_once(orthanc, monkeypatch, tmp_path):
+    path, size = _file(tmp_path, make_instance())
+    # A proxy that does not exist: Orthanc is reached only because no_proxy names its host.
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{localservers.free_port()}")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+    with rest.new_session() as upload_session:
+        first = rest.store_instance(upload_session, _target(orthanc), path, size)
+        monkeypatch.delenv("no_proxy")
+        second = rest.store_instance(upload_session, _target(orthanc), path, size)
+
+    assert first.status == "Success"
+    assert second.status == "AlreadyStored"

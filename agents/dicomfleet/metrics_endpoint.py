@@ -11,10 +11,10 @@ import dataclasses
 import ipaddress
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.registry import Collector
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ class MetricsEndpoint:
     """An HTTP server, on a daemon thread, that renders one collector's metrics at each scrape of /metrics."""
 
     def __init__(self, address: ListenAddress, collector: Collector, service: str):
+        # Imported here, because a service without a [metrics] table never needs prometheus_client.
+        from prometheus_client import CollectorRegistry
+
         self.address = address
         self.service = service
         self.registry = CollectorRegistry(auto_describe=False)
@@ -108,6 +111,8 @@ class MetricsEndpoint:
         recording images matter more than its metrics; Prometheus then reports
         the scrape target as down.
         """
+        from prometheus_client import start_http_server
+
         try:
             self._server, self._thread = start_http_server(self.address.port, self.address.host, self.registry)
         except OSError as error:

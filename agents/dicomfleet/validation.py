@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from dicomfleet import archive_checks
 from dicomfleet.dashboard import workinghours
+# Defined in their own module so the agent reads its configuration without this module's imports.
+from dicomfleet.dicomterms import MODALITIES, ae_title_problem  # noqa: F401
 from dicomfleet.inventory import (
     CENTRAL_GROUP,
     FILESERVER_GROUP,
@@ -26,14 +28,6 @@ from dicomfleet.inventory import (
     RawInventory,
 )
 
-# Modality defined terms of DICOM PS3.3 C.7.3.1.1.1 that imaging machines send.
-MODALITIES = frozenset(
-    """AR AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL
-    IVOCT IVUS KER KO LEN LS MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT
-    PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTPLAN RTRECORD RTSTRUCT RWV SEG
-    SM SMR SR SRF STAIN TG US VA XA XC""".split()
-)
-
 INGEST_PATHS = (INGEST_AGENT, INGEST_SHARE, INGEST_DICOM)
 TRANSPORTS = (TRANSPORT_REST, TRANSPORT_CSTORE)
 PATIENT_ID_POLICIES = ("dicom", "placeholder")
@@ -42,27 +36,6 @@ AFTER_SEND_POLICIES = ("keep", "archive", "delete")
 _MACHINE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-
-
-def ae_title_problem(value: Any) -> str | None:
-    """Return why VALUE is not a valid AE title, or None when it is valid.
-
-    An AE title (PS3.5 6.2, VR AE) is 1 to 16 characters of the default
-    character repertoire, without backslash or control characters; leading and
-    trailing spaces are not significant, so a title of spaces only is empty.
-    """
-    if not isinstance(value, str):
-        return f"is a {type(value).__name__}, not a string"
-    if len(value) > 16:
-        return f"is {len(value)} characters long, over the maximum of 16"
-    for character in value:
-        if character == "\\":
-            return "contains a backslash"
-        if not " " <= character <= "~":
-            return f"contains the character {character!r}, outside the DICOM default repertoire"
-    if not value.strip():
-        return "is empty"
-    return None
 
 
 def address_problem(value: Any) -> str | None:

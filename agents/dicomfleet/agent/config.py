@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from dicomfleet.agent.heartbeat import HeartbeatConfigError, HeartbeatSettings, parse_heartbeat_table
 from dicomfleet.metrics_endpoint import ListenAddress, listen_problem, parse_listen
-from dicomfleet.validation import MODALITIES, ae_title_problem
+from dicomfleet.dicomterms import MODALITIES, ae_title_problem
 
 TRANSPORT_REST = "rest"
 TRANSPORT_CSTORE = "cstore"

@@ -42,6 +42,10 @@ REQUIRED_UIDS = {
     (0x0020, 0x000D): "Study Instance UID (0020,000D)",
     (0x0020, 0x000E): "Series Instance UID (0020,000E)",
 }
+# Patient ID, which Orthanc hashes with the UIDs above into an instance's ID.
+PATIENT_ID = (0x0010, 0x0020)
+# Elements whose values the check reads. It skips every other value.
+READ_TAGS = frozenset(REQUIRED_UIDS) | {PATIENT_ID}
 # Pixel Data, Float Pixel Data and Double Float Pixel Data (PS3.3 C.7.6.3).
 PIXEL_DATA_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
 # UIDs are at most 64 characters (PS3.5 9.1); longer values are not read into memory.
@@ -71,6 +75,9 @@ class Verdict:
     sop_instance_uid: str = ""
     study_instance_uid: str = ""
     series_instance_uid: str = ""
+    # The Patient ID as Orthanc hashes it, "" when the element is missing. None when the check cannot
+    # tell, because the value has VR UN, non-ASCII bytes that depend on the character set, or over 1024 bytes.
+    patient_id: str | None = None
 
 
 def _tag_text(tag: tuple[int, int]) -> str:
@@ -188,6 +195,7 @@ class _DatasetWalker:
         self.little_endian = little_endian
         self.explicit_vr = explicit_vr
         self.uids: dict[tuple[int, int], str] = {}
+        self.patient_id: str | None = ""
         self.pixel_data_seen = False
         order = "<" if little_endian else ">"
         self._tag = struct.Struct(order + "HH")
@@ -235,9 +243,16 @@ class _DatasetWalker:
                 self._walk_items(tag, start, depth + 1, inner_explicit)
                 continue
 
-            if depth == 0 and tag in REQUIRED_UIDS and length <= MAX_READ_UID_LENGTH:
+            if depth == 0 and tag in READ_TAGS and length <= MAX_READ_UID_LENGTH:
                 value = self.reader.read(length, "the value of element", tag)
-                self.uids[tag] = value.decode("ascii", "replace").strip("\0 ")
+                if tag == PATIENT_ID:
+                    self.patient_id = _patient_id_text(vr, value)
+                else:
+                    self.uids[tag] = value.decode("ascii", "replace").strip("\0 ")
+                continue
+            if depth == 0 and tag == PATIENT_ID:
+                self.reader.skip(length, "element", tag)
+                self.patient_id = None
                 continue
             if depth == 0 and tag in REQUIRED_UIDS:
                 # Orthanc 1.10.1 accepts UIDs over the standard's 64 characters, so a long one counts as present.
@@ -271,6 +286,18 @@ class _DatasetWalker:
                 self.walk(depth, explicit_vr)
             else:
                 self.reader.skip(length, "an item of element", tag)
+
+
+def _patient_id_text(vr: bytes, value: bytes) -> str | None:
+    """Return a Patient ID value as Orthanc hashes it, or None when that depends on more than the bytes."""
+    # b"" is implicit VR, where the data dictionary gives LO. Orthanc keeps a UN value's padding.
+    if vr not in (b"LO", b""):
+        return None
+    if not value.isascii():
+        # Orthanc converts the value from the Specific Character Set (0008,0005) before hashing it.
+        return None
+    # Orthanc 1.10.1 drops trailing padding but keeps leading spaces.
+    return value.decode("ascii").rstrip("\0 ")
 
 
 def _plausible_first_group(group: int) -> bool:
@@ -389,6 +416,7 @@ def _check_open_file(handle, size: int) -> Verdict:
         sop_instance_uid=walker.uids[(0x0008, 0x0018)],
         study_instance_uid=walker.uids[(0x0020, 0x000D)],
         series_instance_uid=walker.uids[(0x0020, 0x000E)],
+        patient_id=walker.patient_id,
     )
 
 

@@ -13,16 +13,20 @@ import logging
 import os
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import requests
 
-from dicomfleet.agent import aftersend, cstore, dicomfile, quarantine, rest
+from dicomfleet.agent import aftersend, dicomfile, quarantine, rest
 from dicomfleet.agent.backoff import backoff_delay
 from dicomfleet.agent.breaker import AUTH_REJECTED, MachineBreaker
 from dicomfleet.agent.config import AFTER_SEND_KEEP, TRANSPORT_CSTORE, AgentConfig, MachineConfig
 from dicomfleet.agent.password import PasswordError, read_password
 from dicomfleet.agent.repeats import RepeatedProblems
 from dicomfleet.agent.spool import Spool, SpoolRecord
+
+if TYPE_CHECKING:
+    from dicomfleet.agent import cstore
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +166,7 @@ class Sender:
             links = self._local.links = {}
         link = links.get(machine.id)
         if link is None:
+            cstore = _cstore_module()
             link = cstore.CStoreLink(machine.ae_title, machine.orthanc_aet, machine.dicom_host,
                                      machine.orthanc_dicom_port)
             links[machine.id] = link
@@ -266,9 +271,12 @@ class Sender:
             self._send(record, machine, breaker, verdict)
             return
 
+        cstore = _cstore_module()
         try:
             syntax = cstore.read_syntax(path)
-            digests = aftersend.file_digests(path, syntax.dataset_offset)
+            # The MD5 serves only the check before archive or delete.
+            md5_from = syntax.dataset_offset if machine.after_send != AFTER_SEND_KEEP else None
+            digests = aftersend.file_digests(path, md5_from)
         except cstore.FileRejected as error:
             breaker.end_without_response()
             self._quarantine(record, machine, f"cannot be sent with C-STORE: {error}")
@@ -307,7 +315,9 @@ class Sender:
                   record.path, machine.id, record.id, record.attempts)
 
         try:
-            result = rest.store_instance(session, target, record.path, record.size)
+            # The MD5 serves only the check before archive or delete.
+            result = rest.store_instance(session, target, record.path, record.size,
+                                         with_md5=machine.after_send != AFTER_SEND_KEEP)
             self._check_unchanged(record, machine, result, session, target)
             self._tag_source_machine(session, machine, target, result)
         except rest.AuthError as error:
@@ -361,6 +371,7 @@ class Sender:
 
     def _send_cstore(self, record: SpoolRecord, machine: MachineConfig, breaker: MachineBreaker,
                      verdict: dicomfile.Verdict, syntax: cstore.FileSyntax, digests: aftersend.FileDigests) -> None:
+        cstore = _cstore_module()
         session = self._session()
         target = self._target(machine, reload=breaker.state == AUTH_REJECTED)
         log.debug("Sending file %s of machine %s with C-STORE (spool record %d, attempt %d).",
@@ -370,12 +381,7 @@ class Sender:
             result = self._link(machine).store(record.path, syntax)
             if self._identity_changed(record):
                 raise _ChangedDuringSend()
-            instance_id = rest.find_instance(session, target, verdict.sop_instance_uid)
-            if instance_id is None:
-                raise rest.TransientError(f"Orthanc acknowledged the C-STORE of SOP Instance UID "
-                                          f"{verdict.sop_instance_uid} but does not list the instance")
-            self._tag_source_machine(session, machine, target,
-                                     rest.StoreResult(rest.STATUS_SUCCESS, instance_id, digests.sha256))
+            instance_id = self._tag_cstore_instance(session, machine, target, verdict)
         except cstore.CallingAeRejected as error:
             breaker.calling_ae_rejected(str(error))
             self.spool.requeue(record.id, time.time(), error=breaker.last_error)
@@ -420,6 +426,31 @@ class Sender:
         status = "C-STORE status 0x%04X" % result.status
         self._stored(record, machine, breaker, verdict, instance_id, status, digests.sha256, digests.md5,
                      session, target)
+
+    def _tag_cstore_instance(self, session: requests.Session, machine: MachineConfig, target: rest.OrthancTarget,
+                             verdict: dicomfile.Verdict) -> str:
+        """Write SourceMachine on the instance that a C-STORE stored and return its Orthanc ID.
+
+        The ID is computed the way Orthanc computes it, which saves a lookup per file. When
+        Orthanc has no instance of that ID, because it decoded the Patient ID differently,
+        the instance is looked up by its SOP Instance UID.
+        """
+        if verdict.patient_id is not None:
+            instance_id = rest.instance_id_of(verdict.patient_id, verdict.study_instance_uid,
+                                              verdict.series_instance_uid, verdict.sop_instance_uid)
+            try:
+                rest.set_source_machine(session, target, instance_id, machine.id)
+                return instance_id
+            except rest.InstanceNotFound:
+                log.debug("Orthanc has no instance %s, the ID computed for SOP Instance UID %s of machine %s; "
+                          "looking the instance up.", instance_id, verdict.sop_instance_uid, machine.id)
+
+        instance_id = rest.find_instance(session, target, verdict.sop_instance_uid)
+        if instance_id is None:
+            raise rest.TransientError(f"Orthanc acknowledged the C-STORE of SOP Instance UID "
+                                      f"{verdict.sop_instance_uid} but does not list the instance")
+        rest.set_source_machine(session, target, instance_id, machine.id)
+        return instance_id
 
     def _identity_changed(self, record: SpoolRecord) -> bool:
         """Return True when the file's size or mtime differs from its record, after a send from disk."""
@@ -493,16 +524,30 @@ class Sender:
                         "new version.", record.path, machine.id)
             return
 
-        try:
-            offset = cstore.read_syntax(record.path).dataset_offset if machine.transport == TRANSPORT_CSTORE else 0
-            digests = aftersend.file_digests(record.path, offset)
-        except (OSError, cstore.FileRejected) as error:
-            log.warning("Cannot read sent file %s of machine %s to verify it: %s.", record.path, machine.id, error)
+        digests = self._sent_file_digests(record, machine)
+        if digests is None:
             return
         if digests.sha256 != record.sha256:
             log.warning("File %s of machine %s differs from the version sent; it is kept.", record.path, machine.id)
             return
         self._verify_and_apply(record, machine, record.instance_id, digests.md5, session, self._target(machine))
+
+    def _sent_file_digests(self, record: SpoolRecord, machine: MachineConfig) -> aftersend.FileDigests | None:
+        """Return the digests of the file of RECORD as Orthanc stores it, or None when it cannot be read."""
+        if machine.transport != TRANSPORT_CSTORE:
+            try:
+                return aftersend.file_digests(record.path, 0)
+            except OSError as error:
+                problem = error
+        else:
+            cstore = _cstore_module()
+            try:
+                offset = cstore.read_syntax(record.path).dataset_offset
+                return aftersend.file_digests(record.path, offset)
+            except (OSError, cstore.FileRejected) as error:
+                problem = error
+        log.warning("Cannot read sent file %s of machine %s to verify it: %s.", record.path, machine.id, problem)
+        return None
 
     def _check_unchanged(self, record: SpoolRecord, machine: MachineConfig, result: rest.StoreResult,
                          session: requests.Session, target: rest.OrthancTarget) -> None:
@@ -575,6 +620,17 @@ class Sender:
         self.spool.mark_quarantined(record.id, reason)
         self._note_error(machine, f"quarantined {record.path}: {reason}")
         log.warning("Quarantined file %s of machine %s as %s: %s.", record.path, machine.id, destination, reason)
+
+
+def _cstore_module():
+    """Import the C-STORE module on first use and return it.
+
+    It imports pydicom and pynetdicom, which cost about 0.3 s of CPU at start-up (measured
+    with ``python -X importtime`` on 2 cores). An agent whose machines all use REST never needs them.
+    """
+    from dicomfleet.agent import cstore
+
+    return cstore
 
 
 class _ChangedDuringSend(Exception):

@@ -19,7 +19,6 @@ from dicomfleet import __version__
 from dicomfleet.agent import status
 from dicomfleet.agent.config import AgentConfig, ConfigError, load_config
 from dicomfleet.agent.heartbeat import HeartbeatSender
-from dicomfleet.agent.metrics import AgentCollector
 from dicomfleet.agent.password import PasswordError, read_password
 from dicomfleet.agent.repeats import RepeatedProblems
 from dicomfleet.agent.sender import Sender
@@ -123,6 +122,9 @@ def main(args: list[str] | None = None) -> int:
 
     metrics = None
     if config.metrics_listen is not None:
+        # Imported here, because prometheus_client costs start-up time that an agent without metrics saves.
+        from dicomfleet.agent.metrics import AgentCollector
+
         metrics = MetricsEndpoint(config.metrics_listen, AgentCollector(config, spool, sender), "agent")
         metrics.start()
 

@@ -120,6 +120,9 @@ class FolderWatcher:
             self.rescan_due = now + self.config.rescan_interval_s
             self.poll_due = now + poll_interval(self.config.quiet_time_s)
             self.rescan(self.roots, full=True)
+            # Files that settled before the scan are queued at once, so a backlog found at start
+            # does not wait for the inotify read below, which blocks for up to TICK_S.
+            self._check_candidates()
         elif self.polled_roots and now >= self.poll_due:
             self.poll_due = now + poll_interval(self.config.quiet_time_s)
             self.rescan(self.polled_roots, full=False)
