@@ -21,7 +21,7 @@ def ae_title_problem(value: Any) -> str | None:
     """Return why VALUE is not a valid AE title, or None when it is valid.
 
     An AE title (PS3.5 6.2, VR AE) is 1 to 16 characters of the default
-    character repertoire, without backslash or control characters; leading and
+    character repertoire, without backslash or control characters. Leading and
     trailing spaces are not significant, so a title of spaces only is empty.
     """
     if not isinstance(value, str):
