@@ -27,7 +27,7 @@ import pydicom.data
 import requests
 from pydicom.uid import generate_uid
 
-from dicomfleet import localservers
+from dicomfleet import localservers, render
 from dicomfleet.inventory import load_site
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
@@ -117,6 +117,13 @@ class AgentProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
         self.handle.close()
+
+
+def source_machine_of(site, orthanc: localservers.OrthancProcess, instance_id: str) -> str | None:
+    """Return the machine the sync of SITE names as the source of INSTANCE_ID, in ORTHANC."""
+    server = next(iter(site.servers.values()))
+    metadata = orthanc.get(f"/instances/{instance_id}/metadata?expand")
+    return render.sync_machine_directory(site, server, orthanc.secrets).resolve(metadata).machine_id
 
 
 class AgentSite:
@@ -234,12 +241,9 @@ class AgentSite:
                 return item["ID"]
         return None
 
-    def source_machine(self, instance_id: str) -> str:
-        """Return the SourceMachine metadata of an instance."""
-        answer = requests.get(f"{self.orthanc.url}/instances/{instance_id}/metadata/SourceMachine",
-                              auth=self.orthanc.admin_auth, timeout=10)
-        answer.raise_for_status()
-        return answer.text
+    def source_machine(self, instance_id: str) -> str | None:
+        """Return the machine the sync names as an instance's source, from the metadata Orthanc recorded."""
+        return source_machine_of(self.site, self.orthanc, instance_id)
 
     def stored_md5(self, instance_id: str) -> str:
         """Return the MD5 of the DICOM file Orthanc stored for an instance."""

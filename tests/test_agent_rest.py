@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
 import pytest
@@ -11,6 +12,7 @@ import requests
 from agent_support import PYDICOM_FILES, AgentSite, make_instance
 from dicomfleet import localservers
 from dicomfleet.agent import rest
+from dicomfleet.agent.httpclient import HttpClient
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +25,8 @@ def orthanc(tmp_path_factory):
 
 @pytest.fixture
 def session():
-    with requests.Session() as session:
-        yield session
+    with HttpClient() as client:
+        yield client
 
 
 def _target(orthanc, password: str | None = None) -> rest.OrthancTarget:
@@ -51,13 +53,13 @@ def test_rest_store_then_already_stored(orthanc, session, tmp_path):
     assert first.sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_rest_source_machine_metadata_round_trip(orthanc, session, tmp_path):
+def test_rest_upload_records_machine_user(orthanc, session, tmp_path):
     path, size = _file(tmp_path, make_instance())
     result = rest.store_instance(session, _target(orthanc), path, size)
 
-    assert rest.source_machine_of(session, _target(orthanc), result.instance_id) is None
-    rest.set_source_machine(session, _target(orthanc), result.instance_id, "ct1")
-    assert rest.source_machine_of(session, _target(orthanc), result.instance_id) == "ct1"
+    answer = requests.get(f"{orthanc.url}/instances/{result.instance_id}/metadata/HttpUsername",
+                          auth=orthanc.admin_auth, timeout=10)
+    assert answer.text == orthanc.auth_of("ct1")[0]
 
 
 def test_rest_bad_file_is_rejected(orthanc, session, tmp_path):
@@ -87,7 +89,7 @@ def test_rest_closed_port_is_transient(session, tmp_path):
     path, size = _file(tmp_path, make_instance())
     target = rest.OrthancTarget(url=f"http://127.0.0.1:{localservers.free_port()}", auth=("ct1", "x"))
 
-    with pytest.raises(rest.TransientError, match="cannot connect to Orthanc"):
+    with pytest.raises(rest.TransientError, match="cannot reach 127.0.0.1"):
         rest.store_instance(session, target, path, size)
 
 
@@ -111,23 +113,53 @@ def test_rest_md5_only_when_requested(orthanc, session, tmp_path):
     assert without_md5.sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_rest_metadata_of_unknown_instance_not_found(orthanc, session):
+def test_rest_md5_of_unknown_instance_not_found(orthanc, session):
     unknown = rest.instance_id_of("nobody", "1.2.3", "1.2.3.4", "1.2.3.4.5")
 
     with pytest.raises(rest.InstanceNotFound, match="HTTP 404"):
-        rest.set_source_machine(session, _target(orthanc), unknown, "ct1")
+        rest.stored_md5(session, _target(orthanc), unknown)
 
 
-def test_rest_upload_session_reads_proxy_once(orthanc, monkeypatch, tmp_path):
+def test_rest_dataset_md5_of_unknown_instance_not_found(orthanc, session):
+    unknown = rest.instance_id_of("nobody", "1.2.3", "1.2.3.4", "1.2.3.5")
+
+    with pytest.raises(rest.InstanceNotFound, match="HTTP 404"):
+        rest.stored_dataset_md5(session, _target(orthanc), unknown)
+
+
+def test_rest_upload_survives_orthanc_restart_on_kept_connection(orthanc, session, tmp_path):
+    first_path, first_size = _file(tmp_path, make_instance(), "first.dcm")
+    second_path, second_size = _file(tmp_path, make_instance(), "second.dcm")
+    rest.store_instance(session, _target(orthanc), first_path, first_size)
+
+    # The client keeps its connection to the Orthanc that is stopped here.
+    orthanc.stop()
+    orthanc.start()
+    second = rest.store_instance(session, _target(orthanc), second_path, second_size)
+
+    assert second.status == "Success"
+
+
+class _UnreadableFile(io.BytesIO):
+    """A file that opens but whose reads fail, as on a share that drops during a send."""
+
+    def read(self, amount=-1):
+        raise PermissionError(13, "Permission denied")
+
+
+def test_rest_unreadable_body_raises_os_error(orthanc, session, tmp_path, monkeypatch):
     path, size = _file(tmp_path, make_instance())
-    # A proxy that does not exist: Orthanc is reached only because no_proxy names its host.
-    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{localservers.free_port()}")
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setattr(rest, "open", lambda *args: _UnreadableFile(), raising=False)
 
-    with rest.new_session() as upload_session:
-        first = rest.store_instance(upload_session, _target(orthanc), path, size)
-        monkeypatch.delenv("no_proxy")
-        second = rest.store_instance(upload_session, _target(orthanc), path, size)
+    with pytest.raises(PermissionError):
+        rest.store_instance(session, _target(orthanc), path, size)
 
-    assert first.status == "Success"
-    assert second.status == "AlreadyStored"
+
+def test_rest_client_usable_after_unreadable_body(orthanc, session, tmp_path, monkeypatch):
+    path, size = _file(tmp_path, make_instance())
+    with monkeypatch.context() as patch:
+        patch.setattr(rest, "open", lambda *args: _UnreadableFile(), raising=False)
+        with pytest.raises(PermissionError):
+            rest.store_instance(session, _target(orthanc), path, size)
+
+    assert rest.store_instance(session, _target(orthanc), path, size).status in ("Success", "AlreadyStored")

@@ -216,7 +216,6 @@ def test_share_agent_tags_each_machine(tmp_path):
             for data in datas:
                 (match,) = [item["ID"] for item in _lookup(orthanc, sop_instance_uid(data))]
                 metadata = orthanc.get(f"/instances/{match}/metadata?expand")
-                assert metadata["SourceMachine"] == machine_id
                 assert metadata["HttpUsername"] == machine_id
         assert orthanc.get("/statistics")["CountInstances"] == 4
         assert agent.log_text().count("(polled)") == 2

@@ -31,7 +31,7 @@ import requests
 from pydicom.uid import generate_uid
 
 from dicomfleet import credentials, demo, proxy, tls
-from dicomfleet.inventory import INGEST_DICOM, InventoryError, Machine, Site, load_site
+from dicomfleet.inventory import INGEST_DICOM, TRANSPORT_CSTORE, InventoryError, Machine, Site, load_site
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +226,8 @@ class Checker:
                 return item["ID"]
         return None
 
-    def _source_machine(self, instance_id: str) -> str | None:
-        answer = self.session.get(f"{self.orthanc_url}/instances/{instance_id}/metadata/SourceMachine", timeout=10)
-        return answer.text if answer.status_code == 200 else None
-
     def seen_in_orthanc(self) -> StepResult:
-        """Wait for the instance in Orthanc and compare its SourceMachine and HttpUsername with the machine."""
+        """Wait for the instance in Orthanc and compare the sender Orthanc recorded (user or AE title) with the machine."""
         name = "seen in Orthanc with the machine's identity"
         if self.dropped_path is None:
             return StepResult(name, SKIP, "no test image was dropped")
@@ -249,17 +245,15 @@ class Checker:
                                                  timeout=10).json()["ParentStudy"]
         metadata = self.session.get(f"{self.orthanc_url}/instances/{instance_id}/metadata?expand",
                                     timeout=10).json()
-        # The agent writes SourceMachine right after the upload, so it may lag the instance briefly.
-        source = self._wait(lambda: self._source_machine(instance_id), 10)
-        user = metadata.get("HttpUsername", "")
-        problems = []
-        if source != self.machine.id:
-            problems.append(f"SourceMachine is {source!r}, expected {self.machine.id!r}")
-        if user != self.machine.orthanc_username:
-            problems.append(f"HttpUsername is {user!r}, expected {self.machine.orthanc_username!r}")
-        if problems:
-            return StepResult(name, FAIL, f"instance {instance_id}: " + "; ".join(problems))
-        return StepResult(name, PASS, f"instance {instance_id}, SourceMachine {source}, HttpUsername {user}")
+        # Orthanc records who sent the instance; the sync names the machine from that.
+        if self.machine.ingest == INGEST_DICOM or self.machine.transport == TRANSPORT_CSTORE:
+            field, expected = "RemoteAET", self.machine.ae_title
+        else:
+            field, expected = "HttpUsername", self.machine.orthanc_username
+        recorded = metadata.get(field, "")
+        if recorded.strip().upper() != expected.strip().upper():
+            return StepResult(name, FAIL, f"instance {instance_id}: {field} is {recorded!r}, expected {expected!r}")
+        return StepResult(name, PASS, f"instance {instance_id}, {field} {recorded}")
 
     def _record_source(self) -> str | None:
         record = self.studies.find_one({"studyInstanceUID": self.image.study_instance_uid,

@@ -24,7 +24,7 @@ import pydicom
 import pymongo
 import requests
 
-from dicomfleet import credentials
+from dicomfleet import credentials, render
 from dicomfleet.inventory import InventoryError, Machine, Site, load_site
 from dicomfleet.pyinfra_inventory import connection_data
 
@@ -175,6 +175,7 @@ class Archive:
         self.server = next(iter(site.servers.values()))
         secrets = credentials.existing_secrets(site)
         self.auth = (credentials.ADMIN_USER, secrets.orthanc_password(credentials.ADMIN_USER))
+        self.machines = render.sync_machine_directory(site, self.server, secrets)
         self.session = requests.Session()
         bind = self.server.vars.get("dicomfleet_mongodb_bind", self.server.address)
         uri = self.server.mongodb_uri or f"mongodb://{bind}:{self.server.mongodb_port}/"
@@ -182,16 +183,17 @@ class Archive:
         self.database = self.mongodb[str(self.server.vars.get("dicomfleet_mongodb_database", "dicomfleet"))]
 
     def source_of(self, sop_instance_uid: str) -> str | None:
-        """Return the SourceMachine of the stored instance, '' without one, None when absent."""
+        """Return the machine the sync names for the stored instance, '' for none, None when it is absent."""
         answer = self.session.post(f"{self.server.url}/tools/lookup", data=sop_instance_uid,
                                    auth=self.auth, timeout=10)
         answer.raise_for_status()
         instances = [item for item in answer.json() if item["Type"] == "Instance"]
         if not instances:
             return None
-        metadata = self.session.get(f"{self.server.url}/instances/{instances[0]['ID']}/metadata/SourceMachine",
+        metadata = self.session.get(f"{self.server.url}/instances/{instances[0]['ID']}/metadata?expand",
                                     auth=self.auth, timeout=10)
-        return metadata.text if metadata.status_code == 200 else ""
+        metadata.raise_for_status()
+        return self.machines.resolve(metadata.json()).machine_id or ""
 
     def studies_of(self, machine_id: str, study_uids: set[str]) -> int:
         """Return how many of STUDY_UIDS have a MongoDB record attributed to MACHINE_ID."""

@@ -205,6 +205,8 @@ def server_context(site: Site, server: OrthancServer, secrets: credentials.SiteS
         "dicom_machines": [_as_dicom_sender(site, m) for m in machines
                            if m.ingest == INGEST_DICOM or m.transport == TRANSPORT_CSTORE],
         "machines": machines,
+        # The sync names a C-STORE's machine by its AE title and the address it came from.
+        "sync_machines": [_as_dicom_sender(site, m) for m in machines],
         "sync_user": credentials.SYNC_USER,
         "mongodb_bind": mongodb_bind,
         "mongodb_uri": mongodb_uri,
@@ -214,6 +216,19 @@ def server_context(site: Site, server: OrthancServer, secrets: credentials.SiteS
         "records_on_delete": str(data.get("dicomfleet_records_on_delete", "mark")),
         "sync_reconcile_interval_s": int(data.get("dicomfleet_sync_reconcile_interval_s", reconcile_default)),
     }
+
+
+def sync_machine_directory(site: Site, server: OrthancServer, secrets: credentials.SiteSecrets):
+    """Return SERVER's machines as its sync reads them from the rendered sync.toml, indexed to name sources.
+
+    The demo, ``dicomfleet check`` and the tests name an instance's machine with it, as the sync does.
+    """
+    from dicomfleet.sync import config as sync_config
+    from dicomfleet.sync import provenance
+
+    text = render_template("sync.toml.j2", server_context(site, server, secrets))
+    machines = sync_config.parse_config(text, Path("/etc/dicomfleet/sync.toml")).machines
+    return provenance.MachineDirectory(machines)
 
 
 def agent_context(site: Site, host: str, machines: list[Machine]) -> dict:

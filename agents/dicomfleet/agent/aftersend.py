@@ -11,10 +11,9 @@ import hashlib
 import os
 from pathlib import Path
 
-import requests
-
 from dicomfleet.agent import quarantine, rest
 from dicomfleet.agent.config import AFTER_SEND_ARCHIVE, AFTER_SEND_DELETE, TRANSPORT_CSTORE, MachineConfig
+from dicomfleet.agent.httpclient import HttpClient
 
 BLOCK = 1024 * 1024
 
@@ -51,20 +50,21 @@ class VerificationFailed(Exception):
     """Orthanc's stored copy does not have the MD5 of the file that was sent."""
 
 
-def verify_stored(session: requests.Session, target: rest.OrthancTarget, machine: MachineConfig,
+def verify_stored(client: HttpClient, target: rest.OrthancTarget, machine: MachineConfig,
                   instance_id: str, expected_md5: str) -> None:
     """Raise VerificationFailed unless Orthanc's copy of INSTANCE_ID has EXPECTED_MD5.
 
     A REST upload is stored byte for byte, so the attachment's MD5 is compared. For
     C-STORE Orthanc writes its own file meta information, so EXPECTED_MD5 covers the
     data set only and is compared with the stored file's data set.
-    Raises rest.TransientError or rest.AuthError when Orthanc cannot be asked.
+    Raises rest.InstanceNotFound when Orthanc has no instance INSTANCE_ID, and
+    rest.TransientError or rest.AuthError when Orthanc cannot be asked.
     """
     if machine.transport == TRANSPORT_CSTORE:
-        stored = rest.stored_dataset_md5(session, target, instance_id)
+        stored = rest.stored_dataset_md5(client, target, instance_id)
         what = "data set"
     else:
-        stored = rest.stored_md5(session, target, instance_id)
+        stored = rest.stored_md5(client, target, instance_id)
         what = "file"
     if stored != expected_md5:
         raise VerificationFailed(f"Orthanc's stored {what} of instance {instance_id} has MD5 {stored}, but the sent "

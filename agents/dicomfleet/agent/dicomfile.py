@@ -49,6 +49,9 @@ READ_TAGS = frozenset(REQUIRED_UIDS) | {PATIENT_ID}
 # Pixel Data, Float Pixel Data and Double Float Pixel Data (PS3.3 C.7.6.3).
 PIXEL_DATA_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
 # UIDs are at most 64 characters (PS3.5 9.1); longer values are not read into memory.
+# Elements the top-level walk of a file hands to _DatasetWalker._step.
+STEPPED_TAGS = READ_TAGS | PIXEL_DATA_TAGS
+FILE_WINDOW = 64 * 1024
 MAX_READ_UID_LENGTH = 1024
 MAX_SEQUENCE_DEPTH = 32
 DEFLATE_CHUNK = 64 * 1024
@@ -224,43 +227,95 @@ class _DatasetWalker:
         """Walk elements until the end of the data set, or of the item when DEPTH is above 0."""
         if explicit_vr is None:
             explicit_vr = self.explicit_vr
+        if depth == 0 and isinstance(self.reader, _FileReader):
+            self._walk_file()
+            return
 
         while True:
             if depth == 0 and self.reader.at_end():
                 return
-
-            tag, vr, length, start = self.read_header(explicit_vr)
-            if depth == 0 and tag in PIXEL_DATA_TAGS:
-                self.pixel_data_seen = True
-            if tag == ITEM_DELIMITATION:
-                if depth == 0:
-                    continue
+            if not self._step(depth, explicit_vr):
                 return
 
-            if length == UNDEFINED_LENGTH:
-                # UN values of undefined length are encoded in Implicit VR Little Endian (PS3.5 6.2.2).
-                inner_explicit = explicit_vr and vr != b"UN"
-                self._walk_items(tag, start, depth + 1, inner_explicit)
-                continue
+    def _walk_file(self) -> None:
+        """Walk the top level of a data set read from a file, parsing plain element headers in memory.
 
-            if depth == 0 and tag in READ_TAGS and length <= MAX_READ_UID_LENGTH:
-                value = self.reader.read(length, "the value of element", tag)
-                if tag == PATIENT_ID:
-                    self.patient_id = _patient_id_text(vr, value)
-                else:
-                    self.uids[tag] = value.decode("ascii", "replace").strip("\0 ")
-                continue
-            if depth == 0 and tag == PATIENT_ID:
-                self.reader.skip(length, "element", tag)
-                self.patient_id = None
-                continue
-            if depth == 0 and tag in REQUIRED_UIDS:
-                # Orthanc 1.10.1 accepts UIDs over the standard's 64 characters, so a long one counts as present.
-                self.reader.skip(length, "element", tag)
-                self.uids[tag] = f"(a UID of {length} bytes)"
-                continue
+        An element that is not plain (a sequence, an item, a value the check reads, Pixel
+        Data, or one that runs past the end of the file) goes through _step. This walks a
+        CT slice of 265 elements in about a third of the time of _step alone.
+        """
+        reader = self.reader
+        handle = reader.handle
+        size = reader.size
+        explicit_vr = self.explicit_vr
+        unpack_tag = self._tag.unpack_from
+        unpack_uint16 = self._uint16.unpack_from
+        unpack_uint32 = self._uint32.unpack_from
+        offset = reader.offset
+        window = b""
+        window_start = offset
 
+        while offset < size:
+            position = offset - window_start
+            if position < 0 or position + 12 > len(window):
+                handle.seek(offset)
+                window = handle.read(FILE_WINDOW)
+                window_start = offset
+                position = 0
+            if position + 12 <= len(window):
+                tag = unpack_tag(window, position)
+                if tag[0] != 0xFFFE and tag not in STEPPED_TAGS:
+                    if not explicit_vr:
+                        length, header = unpack_uint32(window, position + 4)[0], 8
+                    elif window[position + 4:position + 6] in SHORT_LENGTH_VRS:
+                        length, header = unpack_uint16(window, position + 6)[0], 8
+                    else:
+                        length, header = unpack_uint32(window, position + 8)[0], 12
+                    end = offset + header + length
+                    if length != UNDEFINED_LENGTH and end <= size:
+                        offset = end
+                        continue
+
+            handle.seek(offset)
+            reader.offset = offset
+            self._step(0, explicit_vr)
+            offset = reader.offset
+            window = b""
+        reader.offset = offset
+
+    def _step(self, depth: int, explicit_vr: bool) -> bool:
+        """Walk one element; return False at the item delimiter that ends the item at DEPTH."""
+        tag, vr, length, start = self.read_header(explicit_vr)
+        if depth == 0 and tag in PIXEL_DATA_TAGS:
+            self.pixel_data_seen = True
+        if tag == ITEM_DELIMITATION:
+            return depth == 0
+
+        if length == UNDEFINED_LENGTH:
+            # UN values of undefined length are encoded in Implicit VR Little Endian (PS3.5 6.2.2).
+            inner_explicit = explicit_vr and vr != b"UN"
+            self._walk_items(tag, start, depth + 1, inner_explicit)
+            return True
+
+        if depth == 0 and tag in READ_TAGS and length <= MAX_READ_UID_LENGTH:
+            value = self.reader.read(length, "the value of element", tag)
+            if tag == PATIENT_ID:
+                self.patient_id = _patient_id_text(vr, value)
+            else:
+                self.uids[tag] = value.decode("ascii", "replace").strip("\0 ")
+            return True
+        if depth == 0 and tag == PATIENT_ID:
             self.reader.skip(length, "element", tag)
+            self.patient_id = None
+            return True
+        if depth == 0 and tag in REQUIRED_UIDS:
+            # Orthanc 1.10.1 accepts UIDs over the standard's 64 characters, so a long one counts as present.
+            self.reader.skip(length, "element", tag)
+            self.uids[tag] = f"(a UID of {length} bytes)"
+            return True
+
+        self.reader.skip(length, "element", tag)
+        return True
 
     def _walk_items(self, tag: tuple[int, int], start: int, depth: int, explicit_vr: bool) -> None:
         """Walk the items of a sequence or encapsulated pixel data of undefined length."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import threading
@@ -17,8 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import requests
-
+from dicomfleet.agent.httpclient import HttpClient, RequestFailed
 from dicomfleet.agent.repeats import RepeatedProblems
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,7 @@ class HeartbeatSender:
         self.problems = RepeatedProblems(log)
         self.sent = 0
         self.failed = 0
-        self._session = requests.Session()
-        # Given per request: requests lets REQUESTS_CA_BUNDLE override a session's verify.
+        self._client = HttpClient(connect_timeout=settings.timeout_s)
         self._verify: bool | str = str(settings.ca_file) if settings.ca_file is not None else True
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -170,7 +169,7 @@ class HeartbeatSender:
     def join(self, timeout: float | None = None) -> None:
         """Wait for the thread after STOP was set; a heartbeat in flight ends within timeout_s."""
         self.thread.join(timeout)
-        self._session.close()
+        self._client.close()
 
     def send_once(self) -> bool:
         """Send one heartbeat per machine now; return True when every one was accepted."""
@@ -199,20 +198,21 @@ class HeartbeatSender:
 
         url = f"{self.settings.url}/{machine_id}"
         try:
-            answer = self._session.post(url, json=heartbeat_body(document, machine_id),
-                                        headers={"Authorization": f"Bearer {token}"},
-                                        timeout=self.settings.timeout_s, verify=self._verify)
-        except requests.RequestException as error:
+            body = json.dumps(heartbeat_body(document, machine_id)).encode("utf-8")
+            answer = self._client.request("POST", url, body=body, verify=self._verify, timeout=self.settings.timeout_s,
+                                          headers={"Authorization": f"Bearer {token}",
+                                                   "Content-Type": "application/json"})
+        except RequestFailed as error:
             self.failed += 1
             self.problems.report(("send", machine_id), f"Heartbeat of machine {machine_id} to {url} failed: "
                                                        f"{error}; retrying later.")
             return False
 
-        if answer.status_code != 200:
+        if answer.status != 200:
             self.failed += 1
             reason = answer.text.strip()[:200]
             self.problems.report(("send", machine_id), f"The dashboard rejected the heartbeat of machine "
-                                                       f"{machine_id} with HTTP {answer.status_code}: {reason}")
+                                                       f"{machine_id} with HTTP {answer.status}: {reason}")
             return False
 
         self.sent += 1

@@ -1,8 +1,9 @@
 """The agent's upload workers: take due files from the spool, check them and send them to Orthanc.
 
-Each worker thread keeps one keep-alive requests.Session and, for C-STORE machines,
-one association per machine. A file is marked sent only once Orthanc stored it and
-the instance carries its SourceMachine metadata. Archive and delete follow only
+Each worker thread keeps its own keep-alive HTTP connections and, for C-STORE machines,
+one association per machine. A file is marked sent once Orthanc stored it. Orthanc
+records who sent each instance (HttpUsername for REST, RemoteAET and RemoteIP for
+C-STORE), and the sync names the machine from that. Archive and delete follow only
 after Orthanc's stored copy is verified.
 """
 
@@ -15,12 +16,11 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-import requests
-
 from dicomfleet.agent import aftersend, dicomfile, quarantine, rest
 from dicomfleet.agent.backoff import backoff_delay
 from dicomfleet.agent.breaker import AUTH_REJECTED, MachineBreaker
 from dicomfleet.agent.config import AFTER_SEND_KEEP, TRANSPORT_CSTORE, AgentConfig, MachineConfig
+from dicomfleet.agent.httpclient import HttpClient
 from dicomfleet.agent.password import PasswordError, read_password
 from dicomfleet.agent.repeats import RepeatedProblems
 from dicomfleet.agent.spool import Spool, SpoolRecord
@@ -112,12 +112,11 @@ class Sender:
             thread.join()
         log.info("Upload workers stopped.")
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = rest.new_session()
-            self._local.session = session
-        return session
+    def _client(self) -> HttpClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = HttpClient()
+        return client
 
     def _claim(self) -> SpoolRecord | None:
         with self._claim_lock:
@@ -153,9 +152,9 @@ class Sender:
                 self.problems.clear("claim", f"The spool {self.spool.path} is readable again.")
                 self._process_safely(record)
         finally:
-            session = getattr(self._local, "session", None)
-            if session is not None:
-                session.close()
+            client = getattr(self._local, "client", None)
+            if client is not None:
+                client.close()
             for link in getattr(self._local, "links", {}).values():
                 link.close()
 
@@ -308,7 +307,7 @@ class Sender:
 
     def _send(self, record: SpoolRecord, machine: MachineConfig, breaker: MachineBreaker,
               verdict: dicomfile.Verdict) -> None:
-        session = self._session()
+        client = self._client()
         # After a rejection, read the password again in case it was fixed meanwhile.
         target = self._target(machine, reload=breaker.state == AUTH_REJECTED)
         log.debug("Sending file %s of machine %s (spool record %d, attempt %d).",
@@ -316,10 +315,9 @@ class Sender:
 
         try:
             # The MD5 serves only the check before archive or delete.
-            result = rest.store_instance(session, target, record.path, record.size,
+            result = rest.store_instance(client, target, record.path, record.size,
                                          with_md5=machine.after_send != AFTER_SEND_KEEP)
-            self._check_unchanged(record, machine, result, session, target)
-            self._tag_source_machine(session, machine, target, result)
+            self._check_unchanged(record, machine, result, client, target)
         except rest.AuthError as error:
             breaker.auth_rejected(error.status)
             self.spool.requeue(record.id, time.time(), error=breaker.last_error)
@@ -349,11 +347,11 @@ class Sender:
             return
 
         self._stored(record, machine, breaker, verdict, result.instance_id, result.status, result.sha256,
-                     result.md5, session, target)
+                     result.md5, client, target)
 
     def _stored(self, record: SpoolRecord, machine: MachineConfig, breaker: MachineBreaker,
                 verdict: dicomfile.Verdict, instance_id: str, status: str, sha256: str, md5: str,
-                session: requests.Session, target: rest.OrthancTarget) -> None:
+                client: HttpClient, target: rest.OrthancTarget) -> None:
         """Record a stored file, apply its after-send policy, and resume the machine's backlog after an outage."""
         self.spool.mark_sent(record.id, instance_id, sha256=sha256)
         self.activity[machine.id].count_sent(record.size)
@@ -361,7 +359,7 @@ class Sender:
                  record.path, machine.id, instance_id, status, verdict.sop_instance_uid,
                  verdict.study_instance_uid)
         if machine.after_send != AFTER_SEND_KEEP:
-            self._verify_and_apply(record, machine, instance_id, md5, session, target)
+            self._verify_and_apply(record, machine, instance_id, md5, client, target)
 
         if breaker.succeeded():
             released = self.spool.release(machine.id)
@@ -372,7 +370,7 @@ class Sender:
     def _send_cstore(self, record: SpoolRecord, machine: MachineConfig, breaker: MachineBreaker,
                      verdict: dicomfile.Verdict, syntax: cstore.FileSyntax, digests: aftersend.FileDigests) -> None:
         cstore = _cstore_module()
-        session = self._session()
+        client = self._client()
         target = self._target(machine, reload=breaker.state == AUTH_REJECTED)
         log.debug("Sending file %s of machine %s with C-STORE (spool record %d, attempt %d).",
                   record.path, machine.id, record.id, record.attempts)
@@ -381,7 +379,7 @@ class Sender:
             result = self._link(machine).store(record.path, syntax)
             if self._identity_changed(record):
                 raise _ChangedDuringSend()
-            instance_id = self._tag_cstore_instance(session, machine, target, verdict)
+            instance_id = self._cstore_instance_id(client, target, verdict)
         except cstore.CallingAeRejected as error:
             breaker.calling_ae_rejected(str(error))
             self.spool.requeue(record.id, time.time(), error=breaker.last_error)
@@ -425,32 +423,55 @@ class Sender:
                         record.path, machine.id, result.status, result.warning)
         status = "C-STORE status 0x%04X" % result.status
         self._stored(record, machine, breaker, verdict, instance_id, status, digests.sha256, digests.md5,
-                     session, target)
+                     client, target)
 
-    def _tag_cstore_instance(self, session: requests.Session, machine: MachineConfig, target: rest.OrthancTarget,
-                             verdict: dicomfile.Verdict) -> str:
-        """Write SourceMachine on the instance that a C-STORE stored and return its Orthanc ID.
+    def _cstore_instance_id(self, client: HttpClient, target: rest.OrthancTarget,
+                            verdict: dicomfile.Verdict) -> str:
+        """Return the Orthanc ID of the instance that a C-STORE stored.
 
-        The ID is computed the way Orthanc computes it, which saves a lookup per file. When
-        Orthanc has no instance of that ID, because it decoded the Patient ID differently,
-        the instance is looked up by its SOP Instance UID.
+        The ID is computed the way Orthanc computes it, which saves a request per file. A
+        file without a readable Patient ID is looked up by its SOP Instance UID. When
+        Orthanc decoded the Patient ID differently, the computed ID is wrong. The check
+        before archive or delete then gets 404 and looks the instance up.
         """
         if verdict.patient_id is not None:
-            instance_id = rest.instance_id_of(verdict.patient_id, verdict.study_instance_uid,
-                                              verdict.series_instance_uid, verdict.sop_instance_uid)
-            try:
-                rest.set_source_machine(session, target, instance_id, machine.id)
-                return instance_id
-            except rest.InstanceNotFound:
-                log.debug("Orthanc has no instance %s, the ID computed for SOP Instance UID %s of machine %s; "
-                          "looking the instance up.", instance_id, verdict.sop_instance_uid, machine.id)
+            return rest.instance_id_of(verdict.patient_id, verdict.study_instance_uid,
+                                       verdict.series_instance_uid, verdict.sop_instance_uid)
+        return self._find_cstore_instance(client, target, verdict.sop_instance_uid)
 
-        instance_id = rest.find_instance(session, target, verdict.sop_instance_uid)
+    @staticmethod
+    def _find_cstore_instance(client: HttpClient, target: rest.OrthancTarget, sop_instance_uid: str) -> str:
+        instance_id = rest.find_instance(client, target, sop_instance_uid)
         if instance_id is None:
             raise rest.TransientError(f"Orthanc acknowledged the C-STORE of SOP Instance UID "
-                                      f"{verdict.sop_instance_uid} but does not list the instance")
-        rest.set_source_machine(session, target, instance_id, machine.id)
+                                      f"{sop_instance_uid} but does not list the instance")
         return instance_id
+
+    def _verify_stored(self, record: SpoolRecord, machine: MachineConfig, instance_id: str, md5: str,
+                       client: HttpClient, target: rest.OrthancTarget) -> str:
+        """Verify Orthanc's copy of a sent file and return its instance ID, looked up again if need be.
+
+        Raises aftersend.VerificationFailed, rest.TransientError or rest.AuthError.
+        """
+        try:
+            aftersend.verify_stored(client, target, machine, instance_id, md5)
+            return instance_id
+        except rest.InstanceNotFound:
+            if machine.transport != TRANSPORT_CSTORE:
+                raise
+        # The ID computed after a C-STORE was not Orthanc's: look the instance up by its SOP Instance UID.
+        try:
+            sop_instance_uid = dicomfile.check(record.path).sop_instance_uid
+        except OSError as error:
+            raise rest.TransientError(f"cannot read the SOP Instance UID of {record.path}: {error}") from error
+        if not sop_instance_uid:
+            raise aftersend.VerificationFailed(f"Orthanc has no instance {instance_id} and the file has no "
+                                               f"SOP Instance UID to look it up by")
+        found = self._find_cstore_instance(client, target, sop_instance_uid)
+        log.debug("Orthanc has no instance %s, the ID computed for SOP Instance UID %s of machine %s; it is %s.",
+                  instance_id, sop_instance_uid, machine.id, found)
+        aftersend.verify_stored(client, target, machine, found, md5)
+        return found
 
     def _identity_changed(self, record: SpoolRecord) -> bool:
         """Return True when the file's size or mtime differs from its record, after a send from disk."""
@@ -461,14 +482,14 @@ class Sender:
         return (stat.st_size, stat.st_mtime_ns) != (record.size, record.mtime_ns)
 
     def _verify_and_apply(self, record: SpoolRecord, machine: MachineConfig, instance_id: str, md5: str,
-                          session: requests.Session, target: rest.OrthancTarget) -> bool:
+                          client: HttpClient, target: rest.OrthancTarget) -> bool:
         """Verify Orthanc's copy of a sent file, then archive or delete the file; return True when done.
 
         On any failure the file stays in place and its record stays ``sent``; the next
         start of the agent tries again.
         """
         try:
-            aftersend.verify_stored(session, target, machine, instance_id, md5)
+            instance_id = self._verify_stored(record, machine, instance_id, md5, client, target)
         except aftersend.VerificationFailed as error:
             log.error("File %s of machine %s is kept, because Orthanc's copy differs: %s.",
                       record.path, machine.id, error)
@@ -497,23 +518,20 @@ class Sender:
             else:
                 log.info("Verified Orthanc instance %s and deleted file %s of machine %s.",
                          instance_id, record.path, machine.id)
-        self.spool.mark_verified(record.id)
+        self.spool.mark_verified(record.id, instance_id=instance_id)
         return True
 
     def _finish_unverified(self, records: list[SpoolRecord]) -> None:
         """Verify and archive or delete RECORDS, files left ``sent`` by an earlier run."""
         log.info("Verifying %d sent files whose after-send policy was not applied yet.", len(records))
 
-        session = requests.Session()
-        try:
+        with HttpClient() as client:
             for record in records:
                 if self.stop.is_set():
                     return
-                self._finish_one(record, session)
-        finally:
-            session.close()
+                self._finish_one(record, client)
 
-    def _finish_one(self, record: SpoolRecord, session: requests.Session) -> None:
+    def _finish_one(self, record: SpoolRecord, client: HttpClient) -> None:
         machine = self.machines[record.machine]
         if not os.path.lexists(record.path):
             # The policy ran, but the agent stopped before it recorded that.
@@ -530,7 +548,7 @@ class Sender:
         if digests.sha256 != record.sha256:
             log.warning("File %s of machine %s differs from the version sent; it is kept.", record.path, machine.id)
             return
-        self._verify_and_apply(record, machine, record.instance_id, digests.md5, session, self._target(machine))
+        self._verify_and_apply(record, machine, record.instance_id, digests.md5, client, self._target(machine))
 
     def _sent_file_digests(self, record: SpoolRecord, machine: MachineConfig) -> aftersend.FileDigests | None:
         """Return the digests of the file of RECORD as Orthanc stores it, or None when it cannot be read."""
@@ -550,7 +568,7 @@ class Sender:
         return None
 
     def _check_unchanged(self, record: SpoolRecord, machine: MachineConfig, result: rest.StoreResult,
-                         session: requests.Session, target: rest.OrthancTarget) -> None:
+                         client: HttpClient, target: rest.OrthancTarget) -> None:
         """Raise _ChangedDuringSend when the file's size or mtime changed while it was sent.
 
         Its size and mtime matched the spool record just before the send, so the
@@ -570,22 +588,10 @@ class Sender:
         if result.status == rest.STATUS_SUCCESS:
             # The instance was created from a mix of old and new bytes. Delete it, or the finished
             # file would get AlreadyStored and the mixed copy would stay.
-            rest.delete_instance(session, target, result.instance_id)
+            rest.delete_instance(client, target, result.instance_id)
             log.warning("Deleted Orthanc instance %s, stored from the changing file %s of machine %s.",
                         result.instance_id, record.path, machine.id)
         raise _ChangedDuringSend()
-
-    def _tag_source_machine(self, session: requests.Session, machine: MachineConfig, target: rest.OrthancTarget,
-                            result: rest.StoreResult) -> None:
-        if result.status == rest.STATUS_ALREADY_STORED:
-            current = rest.source_machine_of(session, target, result.instance_id)
-            if current == machine.id:
-                return
-            if current:
-                log.warning("Orthanc instance %s was already stored with SourceMachine %r; machine %s sent it "
-                            "again and the metadata is kept.", result.instance_id, current, machine.id)
-                return
-        rest.set_source_machine(session, target, result.instance_id, machine.id)
 
     def _requeue_changed(self, record: SpoolRecord) -> None:
         try:

@@ -48,8 +48,6 @@ def configure_logging(level: str) -> None:
     else:
         fmt = "%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s"
     logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
-    # requests' connection pool logs every new connection at DEBUG.
-    logging.getLogger("urllib3").setLevel(max(logging.INFO, getattr(logging, level)))
     # pynetdicom logs every association and every C-STORE request at INFO; the agent logs each file itself.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
 

@@ -169,22 +169,34 @@ class Spool:
 
         Unsent records of earlier versions of PATH are deleted: only the newest version is sent.
         """
+        return self.add_many([(machine, path, size, mtime_ns)], now, not_before)[0]
+
+    def add_many(self, files: list[tuple[str, str, int, int]], now: float | None = None,
+                 not_before: float | None = None) -> list[int | None]:
+        """Queue FILES, (machine, path, size, mtime_ns) each, in one transaction, as add() does one.
+
+        Returns each file's record id, or None for a file already known. One commit for a
+        scan's whole backlog instead of one per file.
+        """
         now = time.time() if now is None else now
         next_attempt = now if not_before is None else not_before
-        encoded = os.fsencode(path)
+        record_ids: list[int | None] = []
         with self._lock, self._db:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO files (machine, path, size, mtime_ns, state, next_attempt, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (machine, encoded, size, mtime_ns, QUEUED, next_attempt, now, now))
-            if cursor.rowcount == 0:
-                return None
-            record_id = cursor.lastrowid
-
-            # Earlier versions of the file that were never sent are superseded by this one.
-            self._db.execute("DELETE FROM files WHERE path = ? AND id != ? AND state IN (?, ?)",
-                             (encoded, record_id, QUEUED, FAILED))
-            return record_id
+            for machine, path, size, mtime_ns in files:
+                encoded = os.fsencode(path)
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO files (machine, path, size, mtime_ns, state, next_attempt, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (machine, encoded, size, mtime_ns, QUEUED, next_attempt, now, now))
+                if cursor.rowcount == 0:
+                    record_ids.append(None)
+                    continue
+                record_id = cursor.lastrowid
+                # Earlier versions of the file that were never sent are superseded by this one.
+                self._db.execute("DELETE FROM files WHERE path = ? AND id != ? AND state IN (?, ?)",
+                                 (encoded, record_id, QUEUED, FAILED))
+                record_ids.append(record_id)
+        return record_ids
 
     def contains(self, path: str, size: int, mtime_ns: int) -> bool:
         """Return True when the spool has a record for PATH with this size and mtime, in any state."""
@@ -239,12 +251,15 @@ class Spool:
                 "UPDATE files SET state = ?, instance_id = ?, sha256 = coalesce(?, sha256), last_error = NULL, "
                 "sent_at = ?, updated_at = ? WHERE id = ?", (SENT, instance_id, sha256, now, now, record_id))
 
-    def mark_verified(self, record_id: int, now: float | None = None) -> None:
-        """Record that Orthanc's copy of the sent file was verified and the after-send policy applied."""
+    def mark_verified(self, record_id: int, now: float | None = None, instance_id: str | None = None) -> None:
+        """Record that Orthanc's copy of the sent file was verified and the after-send policy applied.
+
+        INSTANCE_ID, when given, replaces the instance ID recorded when the file was sent.
+        """
         now = time.time() if now is None else now
         with self._lock, self._db:
-            self._db.execute("UPDATE files SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
-                             (VERIFIED, now, record_id, SENT))
+            self._db.execute("UPDATE files SET state = ?, instance_id = coalesce(?, instance_id), updated_at = ? "
+                             "WHERE id = ? AND state = ?", (VERIFIED, instance_id, now, record_id, SENT))
 
     def sent_unverified(self, machines: Iterable[str]) -> list[SpoolRecord]:
         """Return the records of MACHINES that are sent but not verified, oldest first."""

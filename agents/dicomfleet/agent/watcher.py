@@ -221,6 +221,7 @@ class FolderWatcher:
         """Queue the candidates whose size and mtime stayed unchanged for the quiet time."""
         now = time.monotonic()
         quiet = self.config.quiet_time_s
+        settled: list[tuple[str, WatchRoot, os.stat_result]] = []
         for path, candidate in list(self.candidates.items()):
             if now - candidate.since < quiet:
                 continue
@@ -240,7 +241,9 @@ class FolderWatcher:
                 continue
 
             del self.candidates[path]
-            self._queue(path, candidate.root, stat)
+            settled.append((path, candidate.root, stat))
+        if settled:
+            self._queue_many(settled)
 
     # inotify
 
@@ -344,14 +347,26 @@ class FolderWatcher:
         return False
 
     def _queue(self, path: str, root: WatchRoot, stat: os.stat_result) -> None:
-        identity = (stat.st_size, stat.st_mtime_ns)
-        if self._is_known(path, identity):
-            return
+        self._queue_many([(path, root, stat)])
 
-        record_id = self.spool.add(root.machine.id, path, stat.st_size, stat.st_mtime_ns)
-        self.known[path] = identity
-        if record_id is None:
+    def _queue_many(self, files: list[tuple[str, WatchRoot, os.stat_result]]) -> None:
+        """Queue FILES that have no spool record yet, in one spool transaction.
+
+        The spool itself ignores a file it has a record of, so only this run's memory is looked up here.
+        """
+        new = [(path, root, stat) for path, root, stat in files
+               if self.known.get(path) != (stat.st_size, stat.st_mtime_ns)]
+        if not new:
             return
-        log.debug("Queued file %s of machine %s (%d bytes) as spool record %d.",
-                  path, root.machine.id, stat.st_size, record_id)
-        self.on_queued()
+        record_ids = self.spool.add_many([(root.machine.id, path, stat.st_size, stat.st_mtime_ns)
+                                          for path, root, stat in new])
+        queued = 0
+        for (path, root, stat), record_id in zip(new, record_ids):
+            self.known[path] = (stat.st_size, stat.st_mtime_ns)
+            if record_id is None:
+                continue
+            queued += 1
+            log.debug("Queued file %s of machine %s (%d bytes) as spool record %d.",
+                      path, root.machine.id, stat.st_size, record_id)
+        if queued:
+            self.on_queued()

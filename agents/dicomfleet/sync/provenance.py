@@ -1,7 +1,9 @@
 """Name the imaging machine each instance came from, from the metadata Orthanc keeps per instance.
 
-The agent writes the user metadata SourceMachine; Orthanc 1.10.1 itself records
-HttpUsername for REST uploads and RemoteAET and RemoteIP for C-STORE.
+Orthanc 1.10.1 records who sent each instance: HttpUsername for a REST upload (each
+machine has its own Orthanc user) and RemoteAET and RemoteIP for a C-STORE (Orthanc
+checks the pair against its registered modalities). The user metadata SourceMachine,
+which earlier agents wrote after each upload, still wins where an instance has it.
 """
 
 from __future__ import annotations
