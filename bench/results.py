@@ -57,6 +57,9 @@ _SPECS = [
                "pynetdicom, one association, TCP_NODELAY and TCP_QUICKACK re-armed before every read"),
     FigureSpec("cstore_files_per_s", "files/s", SECTION_DICOM, "the agent with transport cstore, backlog as above"),
     FigureSpec("ratio_cstore_vs_storescu", "ratio", SECTION_DICOM, "agent C-STORE rate / storescu rate"),
+    FigureSpec("ratio_fastest_client_vs_storescu", "ratio", SECTION_DICOM,
+               "the fastest raw client of the run, REST or DICOM / storescu rate: the highest ratio to storescu "
+               "that any client reached against this Orthanc on this machine"),
     # The agent alone.
     FigureSpec("agent_backlog_seconds_to_first", "s", SECTION_AGENT,
                "from the agent's process start to the first file of the backlog in Orthanc"),
@@ -145,6 +148,9 @@ REQUIRED_KEYS = (
 
 REST_BASELINE_KEYS = ("curl_loop_files_per_s", "xargs_curl_files_per_s", "keepalive_sequential_files_per_s",
                       "keepalive_4_workers_files_per_s")
+DICOM_CLIENT_KEYS = ("storescu_files_per_s", "dcmsend_files_per_s", "pynetdicom_1assoc_files_per_s",
+                     "pynetdicom_1assoc_nodelay_files_per_s", "pynetdicom_4assoc_files_per_s",
+                     "pynetdicom_1assoc_quickack_files_per_s")
 
 TWO_GB = 2_000_000_000
 TEN_THOUSAND = 10_000
@@ -205,6 +211,10 @@ class Results:
         self._ratio("ratio_agent_after_start_vs_best_rest", "agent_backlog_after_first_files_per_s",
                     "best_rest_client_files_per_s")
         self._ratio("ratio_cstore_vs_storescu", "cstore_files_per_s", "storescu_files_per_s")
+        clients = [key for key in REST_BASELINE_KEYS + DICOM_CLIENT_KEYS if self.value(key) is not None]
+        if clients:
+            fastest = max(clients, key=self.value)
+            self._ratio("ratio_fastest_client_vs_storescu", fastest, "storescu_files_per_s")
         self._ratio("ratio_ansible_vs_pyinfra_rerun", "ansible_lab_rerun_s", "deploy_lab_rerun_s")
 
         large = self.value("agent_large_file_mb")

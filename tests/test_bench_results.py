@@ -77,6 +77,15 @@ def test_derive_ratio_without_numerator_is_null_with_reason():
     assert "cstore_files_per_s not measured" in results.not_measured["ratio_cstore_vs_storescu"]
 
 
+def test_derive_fastest_client_ratio():
+    results = Results()
+    results.set("storescu_files_per_s", 16.0)
+    results.set("keepalive_4_workers_files_per_s", 140.0)
+    results.set("pynetdicom_4assoc_files_per_s", 48.0)
+    results.derive()
+    assert results.value("ratio_fastest_client_vs_storescu") == 8.75
+
+
 def test_derive_ansible_ratio():
     results = Results()
     results.set("deploy_lab_rerun_s", 10.0)

@@ -51,6 +51,7 @@ def test_orthanc_json_registers_dicom_senders(example_site, example_secrets):
     ("OverwriteInstances", False),
     ("DicomAet", "HOSP_ARCHIVE"),
     ("UserMetadata", {"SourceMachine": 1024}),
+    ("MaximumPduLength", 131072),
 ])
 def test_orthanc_json_security_settings(example_site, example_secrets, key, value):
     plan = render.plan_host(example_site, "pacs1", example_secrets)
