@@ -149,6 +149,8 @@ def test_dashboard_served_by_nginx_over_https(deployed):
     ca_file = tls.ca_certificate_file(site, credentials.existing_secrets(site))
     answer = requests.get(f"https://{CENTRAL}:{DASHBOARD_HTTPS_PORT}/login", verify=str(ca_file), timeout=10)
     assert answer.status_code == 200
+    # requests joins a repeated header with ", ".
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_dashboard_redirect_keeps_https_port(deployed):
