@@ -110,6 +110,18 @@ def test_share_cstore_registered_with_fileserver_address(tmp_path):
     assert "ct3" not in modalities
 
 
+def test_sync_names_share_cstore_machine(tmp_path):
+    document = _share_document(Path("/srv/share"))
+    _machines(document)["ct2"]["dicomfleet_transport"] = "cstore"
+    site = load_site(_write(tmp_path, document))
+    secrets = credentials.ensure_secrets(site, tmp_path / "secrets")
+    directory = render.sync_machine_directory(site, site.servers["central"], secrets)
+
+    # Orthanc records the file server's address for the C-STOREs its agent sends for ct2.
+    metadata = {"RemoteAET": "CT_ROOM2", "RemoteIP": "127.0.0.1", "Origin": "DicomProtocol"}
+    assert directory.resolve(metadata).machine_id == "ct2"
+
+
 def test_share_host_missing_rejected(tmp_path):
     document = _share_document(Path("/srv/share"))
     del _machines(document)["ct2"]["dicomfleet_share_host"]

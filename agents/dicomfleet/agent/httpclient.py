@@ -104,7 +104,10 @@ class Response:
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """Return the TLS context that checks servers against CA_FILE (the system's CAs when None), shared."""
+    """Return the TLS context that checks servers against CA_FILE (the system's CAs when None), shared.
+
+    The file is read once per process; a deploy that changes the site CA restarts the agent.
+    """
     with _contexts_lock:
         context = _contexts.get(ca_file)
         if context is None:

@@ -105,6 +105,8 @@ class MachineDirectory:
         if source_machine:
             return found(source_machine, BY_SOURCE_MACHINE)
 
+        # NOTE: a machine removed from the inventory is no longer named from its user or AE
+        # title, so a database rebuilt later records its studies without a source machine.
         machine = self.by_username.get(http_username) if http_username else None
         if machine is not None:
             return found(machine.id, BY_HTTP_USERNAME)
