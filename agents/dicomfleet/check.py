@@ -245,13 +245,17 @@ class Checker:
                                                  timeout=10).json()["ParentStudy"]
         metadata = self.session.get(f"{self.orthanc_url}/instances/{instance_id}/metadata?expand",
                                     timeout=10).json()
-        # Orthanc records who sent the instance; the sync names the machine from that.
+        # Orthanc records who sent the instance, and the sync names the machine from that.
         if self.machine.ingest == INGEST_DICOM or self.machine.transport == TRANSPORT_CSTORE:
             field, expected = "RemoteAET", self.machine.ae_title
+            recorded = metadata.get(field, "")
+            # Orthanc compares AE titles without regard to case, but user names must match exactly.
+            matches = recorded.strip().upper() == expected.strip().upper()
         else:
             field, expected = "HttpUsername", self.machine.orthanc_username
-        recorded = metadata.get(field, "")
-        if recorded.strip().upper() != expected.strip().upper():
+            recorded = metadata.get(field, "")
+            matches = recorded == expected
+        if not matches:
             return StepResult(name, FAIL, f"instance {instance_id}: {field} is {recorded!r}, expected {expected!r}")
         return StepResult(name, PASS, f"instance {instance_id}, {field} {recorded}")
 

@@ -10,15 +10,16 @@ import dataclasses
 import hashlib
 import logging
 
-from dicomfleet.agent.httpclient import BodyReadError, HttpClient, RequestFailed, Response, basic_authorization
+from dicomfleet.agent.httpclient import (DEFAULT_BLOCK, BodyReadError, HttpClient, RequestFailed, Response,
+                                         basic_authorization)
 
 log = logging.getLogger(__name__)
 
 # Orthanc responds to POST /instances only after storing and indexing the file.
 READ_TIMEOUT_S = 300.0
 OTHER_TIMEOUT_S = 60.0
-# Block size for reading, hashing and sending a file body.
-BODY_BLOCK = 1024 * 1024
+# Block size for reading, hashing and sending a file body: the client's send block.
+BODY_BLOCK = DEFAULT_BLOCK
 
 STATUS_SUCCESS = "Success"
 STATUS_ALREADY_STORED = "AlreadyStored"
